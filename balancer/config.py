@@ -1,0 +1,320 @@
+"""Configuration: read once at start-up into frozen, typed dataclasses.
+
+Sources, later ones winning: defaults, the YAML file (``--config``), the
+environment, command-line options. Each setting has one group in the YAML file
+(``admission: {max_running_pipelines: 2}``), one environment variable (the
+field's ``env`` metadata, e.g. ``MAX_RUNNING_PIPELINES``) and at most one
+command-line option. Every bad value is reported, all at once, with the source
+it came from, before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+Check = Callable[[Any], str | None]
+
+
+def setting(default: Any, env: str, check: Check | None = None) -> Any:
+    """A dataclass field with its environment variable and validity check."""
+    return field(default=default, metadata={"env": env, "check": check})
+
+
+def positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def host_port(value: Any) -> str | None:
+    try:
+        split_host_port(value)
+    except ValueError:
+        return "is not HOST:PORT with a port from 1 to 65535"
+    return None
+
+
+def optional_host_port(value: Any) -> str | None:
+    return None if value == "" else host_port(value)
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def regex(value: Any) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"is not a valid regular expression: {exc}"
+    return None
+
+
+def worker_urls(value: Any) -> str | None:
+    for url in value:
+        if not re.match(r"^https?://[^/\s]+(/[^\s#]*)?(#(cpu|gpu|CPU|GPU))?$", url):
+            return f"{url!r} is not a worker URL like http://host:8080 (optionally #GPU or #CPU)"
+    return None
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"0.0.0.0:31000"`` → ``("0.0.0.0", 31000)``; ``"[::1]:80"`` works too."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT with a port from 1 to 65535")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The balancer's own listening sockets and request limits."""
+
+    listen: str = setting("0.0.0.0:31000", "LISTEN", host_port)
+    """HOST:PORT for the pipeline API (the seed's HAProxy frontend on NodePort 31000)."""
+
+    shutdown_grace: float = setting(10.0, "SHUTDOWN_GRACE", non_negative)
+    """Seconds that in-flight requests get to finish after SIGTERM before the process exits."""
+
+    max_body_bytes: int = setting(64 * 1024, "MAX_BODY_BYTES", positive)
+    """Largest request body accepted (413 beyond). Start requests are small JSON."""
+
+    admin_listen: str = setting("", "ADMIN_LISTEN", optional_host_port)
+    """HOST:PORT to serve /backends and /metrics on instead of the API port (empty: the API port)."""
+
+    admin_token_file: str = setting("", "ADMIN_TOKEN_FILE")
+    """File holding a bearer token required for /backends and /metrics (empty: no token)."""
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    """Where workers come from."""
+
+    source: str = setting("static", "DISCOVERY", one_of("static", "kubernetes"))
+    """``static`` (the ``workers`` list) or ``kubernetes`` (watch worker pods)."""
+
+    workers: tuple[str, ...] = setting((), "WORKERS", worker_urls)
+    """Static worker base URLs, e.g. ``http://127.0.0.1:8080``; ``#GPU``/``#CPU`` sets the device pool."""
+
+    namespace: str = setting("", "NAMESPACE")
+    """Namespace to watch; empty: the pod's own namespace in-cluster, else ``pipeline-server``."""
+
+    selector: str = setting("app=pipeline-server", "SELECTOR")
+    """Label selector of the worker pods."""
+
+    worker_port: int = setting(8080, "WORKER_PORT", positive)
+    """Port of the Pipeline Server REST API on each worker pod."""
+
+    device_label: str = setting("device", "DEVICE_LABEL")
+    """Pod label naming the device pool (CPU/GPU); else told from the ``-cpu-worker``/``-gpu-worker`` name."""
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Polling each worker's ``GET /pipelines/status``."""
+
+    poll_interval: float = setting(1.0, "POLL_INTERVAL", positive)
+    """Seconds between two polls of a worker."""
+
+    poll_timeout: float = setting(1.0, "POLL_TIMEOUT", positive)
+    """Seconds a poll may take; a slower worker is unhealthy."""
+
+    stale_after: float = setting(3.0, "STALE_AFTER", positive)
+    """A worker whose last good poll is older than this has no room (its picture is stale)."""
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    """When a worker has room for one more pipeline (DESIGN §3)."""
+
+    max_running_pipelines: int = setting(0, "MAX_RUNNING_PIPELINES")
+    """Most active (RUNNING + QUEUED + starting) pipelines per worker; <= 0 disables the limit."""
+
+    target_fps: float = setting(0.0, "TARGET_FPS")
+    """A worker with a warmed-up pipeline at or below this fps is full; <= 0 disables the rule."""
+
+    warmup: float = setting(5.0, "FPS_WARMUP", non_negative)
+    """Seconds a new pipeline runs before its fps counts (cumulative fps reads low at first)."""
+
+    retry_after: int = setting(2, "RETRY_AFTER", positive)
+    """``Retry-After`` seconds on a 503."""
+
+    pending_timeout: float = setting(15.0, "PENDING_TIMEOUT", positive)
+    """Seconds a started instance may stay missing from its worker's status list before its
+    reservation is dropped (so a worker that forgets a start cannot leak a slot)."""
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """Requests forwarded to workers."""
+
+    connect_timeout: float = setting(5.0, "UPSTREAM_CONNECT_TIMEOUT", positive)
+    """Seconds to connect to a worker (HAProxy ``timeout connect 5s``)."""
+
+    timeout: float = setting(60.0, "UPSTREAM_TIMEOUT", positive)
+    """Seconds a forwarded request may take in all (HAProxy ``timeout server 60s``); then 504."""
+
+    status_timeout: float = setting(2.0, "STATUS_TIMEOUT", positive)
+    """Seconds each worker gets to answer the merged ``GET /pipelines/status``; slower ones are left out."""
+
+    instance_id_pattern: str = setting(r"[0-9a-f]{32}", "INSTANCE_ID_PATTERN", regex)
+    """What an instance id looks like (the real server: uuid1 hex); other ids get 400 at once."""
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Logging."""
+
+    level: str = setting("INFO", "LOG_LEVEL", one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    """Log level."""
+
+    format: str = setting("text", "LOG_FORMAT", one_of("text", "json"))
+    """``text`` for people, ``json`` for log pipelines: one object per line."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the balancer is told. Built by :func:`load_config`, never mutated."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+class ConfigError(ValueError):
+    """Bad configuration: one line per problem."""
+
+
+def _convert(raw: Any, kind: Any, source: str) -> Any:
+    """Turn a YAML or environment value into the field's type."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{source}: {raw!r} is not a boolean (true/false)")
+    if kind is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(f"{source}: {raw!r} is not an integer")
+        try:
+            return int(str(raw).strip()) if not isinstance(raw, float) else int(raw)
+        except ValueError:
+            raise ValueError(f"{source}: {raw!r} is not an integer") from None
+    if kind is float:
+        if isinstance(raw, bool):
+            raise ValueError(f"{source}: {raw!r} is not a number")
+        try:
+            return float(str(raw).strip())
+        except ValueError:
+            raise ValueError(f"{source}: {raw!r} is not a number") from None
+    if kind == tuple[str, ...]:
+        items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if raw is None:
+        return ""
+    return str(raw).strip()
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config. ``overrides`` maps ``"group.field"`` to values from the command line."""
+    env = {} if env is None else env
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    errors: list[str] = []
+    file_values: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: must be a mapping of groups")
+        file_values = loaded
+
+    groups: dict[str, Any] = {}
+    for group_field in dataclasses.fields(Config):
+        group_cls = get_type_hints(Config)[group_field.name]
+        hints = get_type_hints(group_cls)
+        from_file = file_values.pop(group_field.name, None) or {}
+        if not isinstance(from_file, dict):
+            errors.append(f"config file: '{group_field.name}' must be a mapping")
+            from_file = {}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(group_cls):
+            dotted = f"{group_field.name}.{f.name}"
+            candidates = [
+                (f"config file {dotted}", from_file.pop(f.name, None)),
+                (f"${f.metadata['env']}", env.get(f.metadata["env"])),
+                (f"option for {dotted}", overrides.get(dotted)),
+            ]
+            for source, raw in candidates:
+                if raw is None:
+                    continue
+                try:
+                    values[f.name] = _convert(raw, hints[f.name], source)
+                except ValueError as exc:
+                    errors.append(str(exc))
+                    continue
+                check = f.metadata.get("check")
+                problem = check(values[f.name]) if check else None
+                if problem:
+                    errors.append(f"{source}: {values[f.name]!r} {problem}")
+        errors.extend(f"config file: unknown setting '{group_field.name}.{k}'" for k in from_file)
+        groups[group_field.name] = group_cls(**values)
+    errors.extend(f"config file: unknown group '{k}'" for k in file_values)
+
+    config = Config(**groups)
+    errors.extend(_cross_checks(config))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return config
+
+
+def _cross_checks(config: Config) -> list[str]:
+    """Rules that involve more than one setting."""
+    errors = []
+    if config.discovery.source == "static" and not config.discovery.workers:
+        errors.append("static discovery needs workers: --workers http://host:8080,... or $WORKERS")
+    if config.health.poll_timeout > config.health.stale_after:
+        errors.append("health.poll_timeout must not exceed health.stale_after")
+    return errors
+
+
+def env_table() -> list[tuple[str, str, Any, str]]:
+    """(group.field, ENV, default, doc) rows, for the README's configuration table."""
+    import ast
+    import inspect
+    import textwrap
+
+    rows = []
+    for group_field in dataclasses.fields(Config):
+        group_cls = get_type_hints(Config)[group_field.name]
+        tree = ast.parse(textwrap.dedent(inspect.getsource(group_cls)))
+        docs: dict[str, str] = {}
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined,union-attr]
+        for f in dataclasses.fields(group_cls):
+            rows.append((f"{group_field.name}.{f.name}", f.metadata["env"], f.default, docs.get(f.name, "")))
+    return rows
