@@ -1,0 +1,171 @@
+"""The balancer's lifecycle: start the parts, serve, drain on SIGTERM, stop every task it owns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from balancer.admission import Limits
+from balancer.app import build_admin_app, build_app
+from balancer.config import Config, split_host_port
+from balancer.discovery import make_discovery
+from balancer.discovery.base import Discovery
+from balancer.dispatch import Dispatcher
+from balancer.health import HealthPoller
+from balancer.logs import event, setup_logging
+from balancer.metrics import Metrics
+from balancer.pool import WorkerPool
+from balancer.proxy import AiohttpUpstream, Upstream
+
+log = logging.getLogger("balancer.server")
+
+
+def limits_from(config: Config) -> Limits:
+    a = config.admission
+    return Limits(a.max_running_pipelines, a.target_fps, a.warmup, config.health.stale_after)
+
+
+class Server:
+    """Owns the pool, the poller, discovery, the upstream client and the listening sockets."""
+
+    def __init__(
+        self,
+        config: Config,
+        discovery: Discovery | None = None,
+        upstream: Upstream | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.discovery = discovery or make_discovery(config.discovery)
+        self._upstream = upstream
+        self.metrics = Metrics()
+        self.pool = WorkerPool(limits_from(config), config.admission.pending_timeout, clock)
+        self.pool.listeners.append(self._on_pool_event)
+        self.stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runners: list[web.AppRunner] = []
+        self.poller: HealthPoller | None = None
+
+    # ---- state for the admin routes ------------------------------------------------------
+    def backends(self) -> dict[str, Any]:
+        a = self.config.admission
+        return {
+            **self.pool.to_dict(),
+            "discovery": self.discovery.to_dict(),
+            "limits": {"max_running_pipelines": a.max_running_pipelines, "target_fps": a.target_fps,
+                       "warmup": a.warmup},
+        }
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        if not self.discovery.synced:
+            return False, "discovery has not synced yet"
+        return True, ""
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        upstream = self._upstream or AiohttpUpstream(cfg.upstream.connect_timeout)
+        self._upstream = upstream
+        self.metrics.watch(self.pool.to_dict, self.discovery.to_dict)
+        self.poller = HealthPoller(
+            self.pool, upstream, self.metrics, cfg.health.poll_interval, cfg.health.poll_timeout, self.clock
+        )
+        dispatcher = Dispatcher(cfg, self.pool, upstream, self.metrics, self.clock)
+        token = self._read_token()
+        self._spawn("discovery", lambda: self.discovery.run(self.pool))
+        self._spawn("health", self.poller.run)
+
+        separate_admin = bool(cfg.server.admin_listen)
+        await self._listen(build_app(self, dispatcher, token, not separate_admin), cfg.server.listen)
+        if separate_admin:
+            await self._listen(build_admin_app(self, token), cfg.server.admin_listen)
+        event(log, "listening", api=cfg.server.listen, admin=cfg.server.admin_listen or cfg.server.listen,
+              discovery=cfg.discovery.source, max_running_pipelines=cfg.admission.max_running_pipelines,
+              target_fps=cfg.admission.target_fps)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, then stop everything."""
+        self.stopping = True
+        event(log, "shutting down", grace=self.config.server.shutdown_grace)
+        for runner in self._runners:
+            await runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._upstream is not None:
+            await self._upstream.close()
+        event(log, "stopped")
+
+    async def _listen(self, app: web.Application, address: str) -> None:
+        host, port = split_host_port(address)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.server.shutdown_grace)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
+
+    def _read_token(self) -> str | None:
+        path = self.config.server.admin_token_file
+        if not path:
+            return None
+        token = Path(path).read_text().strip()
+        if not token:
+            raise ValueError(f"admin token file {path} is empty")
+        return token
+
+    def _spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a background loop for the server's lifetime; a crash is logged and the loop restarted."""
+
+        async def supervise() -> None:
+            while True:
+                try:
+                    await factory()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("%s loop crashed; restarting in 1s", name)
+                    await asyncio.sleep(1.0)
+
+        self._tasks.append(asyncio.create_task(supervise(), name=name))
+
+    def _on_pool_event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "joined" and self.poller is not None:
+            self.poller.wake()
+        level = logging.WARNING if fields.get("state") == "unhealthy" else logging.INFO
+        event(log, f"worker {kind}", level, **fields)
+
+
+async def serve(config: Config) -> int:
+    server = Server(config)
+    try:
+        await server.start()
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        await server.stop()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def run_server(config: Config) -> int:
+    setup_logging(config.log.level, config.log.format)
+    with contextlib.suppress(KeyboardInterrupt):
+        return uvloop.run(serve(config))
+    return 130
