@@ -119,6 +119,24 @@ class DiscoverySettings:
     device_label: str = setting("device", "DEVICE_LABEL")
     """Pod label naming the device pool (CPU/GPU); else told from the ``-cpu-worker``/``-gpu-worker`` name."""
 
+    kubeconfig: str = setting("", "KUBECONFIG")
+    """Kubeconfig file(s) to use; empty: the in-cluster service account in a pod, else ``~/.kube/config``."""
+
+    watch_timeout_min: int = setting(300, "WATCH_TIMEOUT_MIN", positive)
+    """Shortest server-side ``timeoutSeconds`` of one pod watch; each watch picks a random value in range."""
+
+    watch_timeout_max: int = setting(600, "WATCH_TIMEOUT_MAX", positive)
+    """Longest server-side ``timeoutSeconds`` of one pod watch (random in range: replicas re-watch apart)."""
+
+    backoff_min: float = setting(0.8, "WATCH_BACKOFF_MIN", positive)
+    """Seconds before the first retry after an API server error; doubles per failure, with jitter."""
+
+    backoff_max: float = setting(30.0, "WATCH_BACKOFF_MAX", positive)
+    """Longest wait between two retries while the API server is unreachable."""
+
+    api_timeout: float = setting(10.0, "KUBE_API_TIMEOUT", positive)
+    """Seconds to connect to the API server and to receive a pod list."""
+
 
 @dataclass(frozen=True)
 class HealthSettings:
