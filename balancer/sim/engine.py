@@ -267,9 +267,11 @@ class Engine:
         shares = fair_shares(self.settings.capacity_fps, caps)
         noise = self.settings.noise
         for instance, cap, share in zip(running, caps, shares, strict=True):
+            if cap is not None and share >= cap - EPSILON:
+                instance.rate = cap  # a live source that the worker keeps up with: exactly its own rate
+                continue
             factor = self.rng.uniform(1 - noise, 1 + noise) if noisy and noise > 0 else 1.0
-            rate = share * factor
-            instance.rate = min(rate, cap) if cap is not None else rate
+            instance.rate = share * factor if cap is None else min(share * factor, cap)
 
 
 def availability(statuses: Iterable[dict[str, Any]], max_running: int, target_fps: float) -> str:
