@@ -176,7 +176,12 @@ class WorkerPool:
             self._emit("state", worker, state=verdict.state, reason=verdict.reason)
 
     def _emit(self, event: str, worker: Worker, **fields: Any) -> None:
-        payload = {"worker": worker.name, "key": worker.key, "url": worker.spec.url, **fields}
+        payload: dict[str, Any] = {"worker": worker.name}
+        if worker.key != worker.name:
+            payload["key"] = worker.key
+        if worker.spec.url != worker.name:
+            payload["url"] = worker.spec.url
+        payload.update(fields)
         for listener in self.listeners:
             try:
                 listener(event, payload)

@@ -1,0 +1,89 @@
+"""A scriptable worker for fault tests: a real aiohttp server on loopback, run in its own thread.
+
+It speaks enough of the Pipeline Server API for the balancer (status list, start,
+instance status) and can be told to misbehave: answer slowly, drop the
+connection after reading a start, answer garbage, or never answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from tests.procs import free_port
+
+
+class FakeWorker:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.mac = uuid.uuid4().hex[:12]
+        self.instances: list[dict[str, Any]] = []
+        self.starts_received = 0
+        self.post_delay = 0.0
+        self.post_close = False
+        self.status_body: bytes | None = None
+        self.status_delay = 0.0
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    # ---- control from the test thread -----------------------------------------------
+    def start(self) -> FakeWorker:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    # ---- the server -------------------------------------------------------------------------
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_get("/pipelines/status", self._status)
+        app.router.add_get("/pipelines", self._definitions)
+        app.router.add_post("/pipelines/{name}/{version}", self._start)
+        app.router.add_get("/pipelines/status/{id}", self._one)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        if self.status_delay:
+            await asyncio.sleep(self.status_delay)
+        if self.status_body is not None:
+            return web.Response(body=self.status_body, content_type="application/json")
+        return web.json_response(self.instances)
+
+    async def _definitions(self, request: web.Request) -> web.Response:
+        return web.json_response([{"name": "object_detection", "version": "person_vehicle_bike",
+                                   "type": "GStreamer", "description": "fake"}])
+
+    async def _start(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.starts_received += 1
+        if self.post_close:
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(1)
+        if self.post_delay:
+            await asyncio.sleep(self.post_delay)
+        instance_id = uuid.uuid1().hex[:20] + self.mac
+        self.instances.append({"id": instance_id, "state": "RUNNING", "avg_fps": 30.0, "elapsed_time": 1.0,
+                               "start_time": 1.0, "message": ""})
+        return web.Response(text=json.dumps(instance_id) + "\n", content_type="application/json")
+
+    async def _one(self, request: web.Request) -> web.Response:
+        for inst in self.instances:
+            if inst["id"] == request.match_info["id"]:
+                return web.json_response(inst)
+        return web.json_response("Invalid instance", status=400)
