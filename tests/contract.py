@@ -14,7 +14,8 @@ from __future__ import annotations
 import http.client
 import json
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -202,3 +203,16 @@ def expect_instance_id(reply: Reply) -> str:
     value = expect_json(reply)
     assert reply.body == json.dumps(value).encode() + b"\n", reply.body
     return check_instance_id(value)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``predicate()`` until it returns something truthy (returned); AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
+        time.sleep(interval)
