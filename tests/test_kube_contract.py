@@ -292,3 +292,33 @@ async def test_cancel_closes_the_watch(kube: FakeKube, start: Start) -> None:
         await task
     await eventually(lambda: not kube.watchers, what="the server to see the stream closed")
     assert discovery._api is None
+
+
+async def test_an_old_version_expiring_after_an_outage_relists_at_once(kube: FakeKube, start: Start) -> None:
+    """The backoff an outage built up must not delay the re-list once the API server answers 410."""
+    delays: list[float] = []
+    gate = asyncio.Event()
+    gate.set()
+    parked = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        delays.append(round(seconds, 3))
+        parked.set()
+        await gate.wait()
+        await asyncio.sleep(0.01)
+
+    kube.add_pod("a", ip="10.1.0.1", ready=True)
+    discovery, sink = await start(backoff_min=0.8, backoff_max=30.0, inject={"sleep": sleep, "rng": NoJitter(1)})
+    await kube.stop()
+    await eventually(lambda: len(delays) >= 5, what="retries while down")
+    gate.clear()
+    parked.clear()
+    await asyncio.wait_for(parked.wait(), 5)  # the loop now waits in a backoff sleep
+    b = kube.add_pod("b", ip="10.1.0.2", ready=True)
+    kube.compact()
+    await kube.start()
+    seen = len(delays)
+    gate.set()
+    await eventually(lambda: key(b) in sink.workers, what="the re-list")
+    assert len(delays) == seen  # 410 → list → watch without another backoff sleep
+    assert discovery.to_dict()["relists"] == 1

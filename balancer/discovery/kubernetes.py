@@ -169,11 +169,13 @@ class KubernetesDiscovery:
     async def _step(self, sink: DiscoverySink) -> float:
         """One attempt: (client,) (list,) one watch stream. Returns the delay before the next."""
         self._progress = False
+        listed = False
         try:
             if self._api is None:
                 self._api = await make_api_client(self.settings.kubeconfig, self._sa_dir)
             if self._need_list:
                 await self._list(sink)
+                listed = True
             await self._watch(sink)
         except asyncio.CancelledError:
             raise
@@ -181,6 +183,9 @@ class KubernetesDiscovery:
             log.info("pod watch: resourceVersion %s expired (%s); re-listing",
                      self._table.resource_version, exc)
             self._need_list = True
+            # An old version expiring (typically after an outage) is normal: re-list at once, whatever
+            # backoff the outage built up. Only a version fresh from a list expiring at once is odd.
+            self._progress = self._progress or not listed
         except (WatchError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._fail(exc)
         except Exception as exc:  # a bad event, a credentials problem, a bug, a sink error
@@ -198,7 +203,7 @@ class KubernetesDiscovery:
         self._last_error = f"{type(exc).__name__}: {exc}"[:500]
         self._last_error_at = self._now()
         log.warning("pod watch in %s: %s (failure %d in a row)",
-                    self.namespace, self._last_error, self.backoff.failures + 1)
+                    self.namespace, self._last_error, 1 if self._progress else self.backoff.failures + 1)
 
     async def _list(self, sink: DiscoverySink) -> None:
         assert self._api is not None
