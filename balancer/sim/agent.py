@@ -35,6 +35,11 @@ class Agent:
         try:
             writer.write(f"{self.answer()}\n".encode())
             await asyncio.wait_for(writer.drain(), 5)
+            if writer.can_write_eof():
+                writer.write_eof()
+            # Drain what the client sent (HAProxy's "ping"): closing with unread input would
+            # send a reset, which can destroy the answer before the client reads it.
+            await asyncio.wait_for(reader.read(4096), 1)
         except (OSError, TimeoutError):
             pass
         finally:

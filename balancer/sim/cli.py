@@ -30,31 +30,38 @@ from balancer.sim.server import make_app
 
 log = logging.getLogger("balancer.sim")
 
+DESCRIPTION = ("A simulated Intel DL Streamer Pipeline Server: the same REST API, with pipelines that run at "
+               "a share of a frame budget (--capacity-fps) and publish made-up detections to MQTT or a file. "
+               "Finite source: \"source\": {\"type\": \"uri\", \"uri\": ..., \"properties\": "
+               "{\"sim-frames\": N}}. See docs/worker.md.")
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("worker", help="run a simulated Pipeline Server worker",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT", help="REST API address")
+    p = sub.add_parser("worker", help="run a simulated Pipeline Server worker", description=DESCRIPTION)
+    p.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT",
+                   help="REST API address (default 0.0.0.0:8080)")
     p.add_argument("--pipelines-dir", type=Path, default=DEFAULT_PIPELINES, metavar="DIR",
-                   help="pipeline definitions, <dir>/<name>/<version>/pipeline.json")
+                   help="pipeline definitions, <dir>/<name>/<version>/pipeline.json (default: built in)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, metavar="DIR",
-                   help="model descriptions, <dir>/<name>/<version>/model.json")
+                   help="model descriptions, <dir>/<name>/<version>/model.json (default: built in)")
     p.add_argument("--mac", default=None, help="MAC in instance ids (aa:bb:cc:dd:ee:ff or 12 hex digits); "
                    "default: a random locally administered one")
     p.add_argument("--capacity-fps", type=float, default=130.0, metavar="FPS",
-                   help="frames per second the worker processes in total, shared by its running pipelines")
+                   help="frames per second the worker processes in total, shared by its running pipelines "
+                   "(default 130)")
     p.add_argument("--source-fps", type=float, default=30.0, metavar="FPS",
-                   help="frame rate of live sources (gst, webcam, rtsp://), which never run faster")
+                   help="frame rate of live sources (gst, webcam, rtsp://), which never run faster (default 30)")
     p.add_argument("--noise", type=float, default=0.02, metavar="FRACTION",
-                   help="random rate variation, +/- this fraction (0 for exact figures)")
+                   help="random rate variation, +/- this fraction; 0 for exact figures (default 0.02)")
     p.add_argument("--max-running-pipelines", type=int, default=None, metavar="N",
                    help="starts beyond N running wait in QUEUED; <= 0 unlimited (env MAX_RUNNING_PIPELINES)")
     p.add_argument("--target-fps", type=float, default=None, metavar="FPS",
                    help="agent answers 0%% when a pipeline runs at or below this (env TARGET_FPS)")
     p.add_argument("--agent-port", type=int, default=None, metavar="PORT",
                    help="serve the seed's HAProxy availability agent on this TCP port")
-    p.add_argument("--tick", type=float, default=0.1, metavar="SECONDS", help="publishing interval")
-    p.add_argument("--seed", type=int, default=None, help="random seed (noise, default MAC)")
+    p.add_argument("--tick", type=float, default=0.1, metavar="SECONDS",
+                   help="how often frames are integrated and published (default 0.1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for the noise and the default MAC")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
