@@ -11,6 +11,7 @@ it came from, before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ def worker_urls(value: Any) -> str | None:
     return None
 
 
+def label_selector(value: Any) -> str | None:
+    from balancer.discovery.pods import selector_problem  # late: pods imports this module
+
+    return selector_problem(value)
+
+
 def split_host_port(value: str) -> tuple[str, int]:
     """``"0.0.0.0:31000"`` → ``("0.0.0.0", 31000)``; ``"[::1]:80"`` works too."""
     host, sep, port = value.rpartition(":")
@@ -110,7 +117,7 @@ class DiscoverySettings:
     namespace: str = setting("", "NAMESPACE")
     """Namespace to watch; empty: the pod's own namespace in-cluster, else ``pipeline-server``."""
 
-    selector: str = setting("app=pipeline-server", "SELECTOR")
+    selector: str = setting("app=pipeline-server", "SELECTOR", label_selector)
     """Label selector of the worker pods."""
 
     worker_port: int = setting(8080, "WORKER_PORT", positive)
@@ -330,7 +337,7 @@ def env_table() -> list[tuple[str, str, Any, str]]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(group_cls)))
         docs: dict[str, str] = {}
         body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:], strict=False):
+        for node, nxt in itertools.pairwise(body):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined,union-attr]
         for f in dataclasses.fields(group_cls):

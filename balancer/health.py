@@ -55,7 +55,8 @@ class HealthPoller:
                 await asyncio.wait_for(self._wake.wait(), timeout=pause)
 
     async def poll_all(self) -> None:
-        await asyncio.gather(*(self.poll(w) for w in self.pool.workers()))
+        # a pod with no IP yet has no URL: nothing to poll, discovery already says why it has no room
+        await asyncio.gather(*(self.poll(w) for w in self.pool.workers() if w.spec.url))
         self.pool.refresh_states()
 
     async def poll(self, worker: Worker) -> None:

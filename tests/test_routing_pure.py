@@ -146,6 +146,10 @@ class TestConfig:
         for needle in ("ftp://x", "$POLL_INTERVAL", "$MAX_RUNNING_PIPELINES", "$LISTEN", "$LOG_FORMAT"):
             assert needle in text
 
+    def test_bad_label_selector_is_a_config_error(self) -> None:
+        with pytest.raises(ConfigError, match="not a valid label selector"):
+            load_config(None, {"DISCOVERY": "kubernetes", "SELECTOR": "app in (a"})
+
     def test_unknown_keys_in_file(self, tmp_path: object) -> None:
         from pathlib import Path
 
