@@ -219,6 +219,12 @@ def test_latency_appears_once_a_frame_went_through() -> None:
     assert "avg_pipeline_latency" not in status(engine, a)
     clock.tick(0.5)
     assert status(engine, a)["avg_pipeline_latency"] == pytest.approx(0.01)
+    start(engine, file_request())
+    clock.tick(0.5)
+    assert status(engine, a)["avg_pipeline_latency"] == pytest.approx(0.02)
+    engine.stop(a)
+    clock.tick(0.5)
+    assert status(engine, a)["avg_pipeline_latency"] == pytest.approx(0.02)  # frozen once stopped
 
 
 def test_noise_stays_within_its_bounds_and_zero_noise_is_exact() -> None:

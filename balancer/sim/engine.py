@@ -79,6 +79,7 @@ class Instance:
     state: State = State.QUEUED
     frames: float = 0.0
     rate: float = 0.0
+    latency: float = 0.0
     start_time: float | None = None
     stop_time: float | None = None
     message: str = ""
@@ -97,8 +98,8 @@ class Instance:
             return 0
         return int(self.frames + EPSILON) / elapsed
 
-    def status(self, now: float, capacity_fps: float) -> dict[str, Any]:
-        """The real status entry (``avg_pipeline_latency`` only once a frame went through)."""
+    def status(self, now: float) -> dict[str, Any]:
+        """The real status entry (``avg_pipeline_latency`` only once a frame went through; kept when stopped)."""
         entry: dict[str, Any] = {
             "id": self.id,
             "state": self.state.value,
@@ -108,7 +109,7 @@ class Instance:
             "message": self.message,
         }
         if self.frames >= 1:
-            entry["avg_pipeline_latency"] = latency(self.rate, capacity_fps)
+            entry["avg_pipeline_latency"] = self.latency
         return entry
 
 
@@ -241,7 +242,7 @@ class Engine:
         return now
 
     def _status(self, instance: Instance, now: float) -> dict[str, Any]:
-        return instance.status(now, self.settings.capacity_fps)
+        return instance.status(now)
 
     def _finish(self, instance: Instance, state: State, when: float) -> None:
         instance.state = state
@@ -269,9 +270,10 @@ class Engine:
         for instance, cap, share in zip(running, caps, shares, strict=True):
             if cap is not None and share >= cap - EPSILON:
                 instance.rate = cap  # a live source that the worker keeps up with: exactly its own rate
-                continue
-            factor = self.rng.uniform(1 - noise, 1 + noise) if noisy and noise > 0 else 1.0
-            instance.rate = share * factor if cap is None else min(share * factor, cap)
+            else:
+                factor = self.rng.uniform(1 - noise, 1 + noise) if noisy and noise > 0 else 1.0
+                instance.rate = share * factor if cap is None else min(share * factor, cap)
+            instance.latency = latency(instance.rate, self.settings.capacity_fps)
 
 
 def availability(statuses: Iterable[dict[str, Any]], max_running: int, target_fps: float) -> str:
