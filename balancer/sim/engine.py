@@ -227,7 +227,7 @@ class Engine:
                 ((i.source.frames - i.frames) / i.rate, i)
                 for i in running if i.source.frames is not None and i.rate > 0
             ]
-            step = min([span, *(t for t, _ in finishing)])
+            step = max(0.0, min([span, *(t for t, _ in finishing)]))
             for instance in running:
                 instance.frames += instance.rate * step
             self._t += step
