@@ -55,6 +55,11 @@ def one_of(*choices: str) -> Check:
     return check
 
 
+def mqtt_topic(value: Any) -> str | None:
+    """A topic to publish to: not empty, no wildcards."""
+    return None if value and not set(value) & set("#+\0") else "is not an MQTT topic to publish to (no + or #)"
+
+
 def regex(value: Any) -> str | None:
     try:
         re.compile(value)
@@ -74,6 +79,31 @@ def label_selector(value: Any) -> str | None:
     from balancer.discovery.pods import selector_problem  # late: pods imports this module
 
     return selector_problem(value)
+
+
+STRATEGIES = ("round-robin", "least-pipelines", "most-headroom")
+DEVICES = ("CPU", "GPU")
+
+
+def parse_fallback(value: str) -> dict[str, str]:
+    """``"GPU:CPU"`` → ``{"GPU": "CPU"}``; ValueError on anything else."""
+    pairs: dict[str, str] = {}
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        src, sep, dst = item.strip().upper().partition(":")
+        if not sep or src not in DEVICES or dst not in DEVICES or src == dst or src in pairs:
+            raise ValueError(item)
+        pairs[src] = dst
+    return pairs
+
+
+def device_fallback(value: Any) -> str | None:
+    try:
+        parse_fallback(value)
+    except ValueError as exc:
+        return f"has {str(exc)!r}, not a FROM:TO pair of two different devices (GPU:CPU)"
+    return None
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -179,6 +209,18 @@ class AdmissionSettings:
     """Seconds a started instance may stay missing from its worker's status list before its
     reservation is dropped (so a worker that forgets a start cannot leak a slot)."""
 
+    predictive: bool = setting(True, "PREDICTIVE_ADMISSION")
+    """With TARGET_FPS > 0: refuse a start that would push a worker's streams to TARGET_FPS or below,
+    predicted from its measured capacity (n streams at f fps: n*f/(n+1)), before they get there."""
+
+    strategy: str = setting("round-robin", "STRATEGY", one_of(*STRATEGIES))
+    """Which worker with room takes a start: ``round-robin`` (the seed's), ``least-pipelines``
+    (fewest active + starting) or ``most-headroom`` (highest predicted fps for the new stream)."""
+
+    fallback: str = setting("", "DEVICE_FALLBACK", device_fallback)
+    """``GPU:CPU``: when no GPU worker has room, a GPU start goes to a CPU worker with its
+    ``*-device`` parameters rewritten to CPU. Comma-separated ``FROM:TO`` pairs; empty: off."""
+
 
 @dataclass(frozen=True)
 class UpstreamSettings:
@@ -195,6 +237,35 @@ class UpstreamSettings:
 
     instance_id_pattern: str = setting(r"[0-9a-f]{32}", "INSTANCE_ID_PATTERN", regex)
     """What an instance id looks like (the real server: uuid1 hex); other ids get 400 at once."""
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Worker state events and a /backends snapshot published to an MQTT broker, for dashboards."""
+
+    host: str = setting("", "MQTT_HOST", optional_host_port)
+    """Broker HOST:PORT (e.g. ``mqtt:1883``); empty: publish nothing."""
+
+    events_topic: str = setting("pipeline-balancer/events", "MQTT_EVENTS_TOPIC", mqtt_topic)
+    """Topic of the JSON events: worker joined/left/ready/full/unhealthy..., and rejected starts."""
+
+    backends_topic: str = setting("pipeline-balancer/backends", "MQTT_BACKENDS_TOPIC", mqtt_topic)
+    """Topic of the retained /backends snapshot, republished on change."""
+
+    client_id: str = setting("", "MQTT_CLIENT_ID")
+    """MQTT client id; empty: ``pipeline-balancer-<hostname>-<pid>``."""
+
+    snapshot_interval: float = setting(1.0, "MQTT_SNAPSHOT_INTERVAL", positive)
+    """Shortest time between two /backends snapshots (they are sent only when something changed)."""
+
+    queue_size: int = setting(1000, "MQTT_QUEUE_SIZE", positive)
+    """Messages held while the broker is away; beyond it the oldest are dropped and counted."""
+
+    keepalive: int = setting(15, "MQTT_KEEPALIVE", positive)
+    """Seconds of MQTT keepalive: how soon a silent broker is noticed."""
+
+    reconnect_max: float = setting(30.0, "MQTT_RECONNECT_MAX", positive)
+    """Longest wait between two reconnection attempts (from 0.5 s, doubling)."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +289,7 @@ class Config:
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
 
 
 class ConfigError(ValueError):
