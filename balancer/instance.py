@@ -32,7 +32,7 @@ def parse_instance_id(body: bytes) -> str | None:
     """The id in a worker's answer to a start: a JSON string, e.g. ``"48a3...0001"\\n``."""
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body of deeply nested arrays
         return None
     return value if isinstance(value, str) and value else None
 
@@ -47,7 +47,7 @@ def requested_device(body: bytes) -> str | None:
     """
     try:
         request = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body of deeply nested arrays
         return None
     if not isinstance(request, dict) or not isinstance(request.get("parameters"), dict):
         return None

@@ -40,8 +40,8 @@ def parse_status_list(body: bytes) -> list[StatusEntry]:
     """
     try:
         payload = json.loads(body)
-    except ValueError as exc:
-        raise ValueError(f"status list is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise ValueError(f"status list is not JSON: {str(exc)[:200]}") from None
     if not isinstance(payload, list):
         raise ValueError(f"status list is a {type(payload).__name__}, not a list")
     entries = []
@@ -89,7 +89,7 @@ def merge_status_lists(answers: Sequence[tuple[str, bytes | None]]) -> Merged:
             continue
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             payload = None
         if not isinstance(payload, list):
             missing.append(name)
