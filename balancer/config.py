@@ -174,6 +174,10 @@ class DiscoverySettings:
     api_timeout: float = setting(10.0, "KUBE_API_TIMEOUT", positive)
     """Seconds to connect to the API server and to receive a pod list."""
 
+    watch_idle_timeout: float = setting(90.0, "WATCH_IDLE_TIMEOUT", positive)
+    """Seconds a pod watch may stay silent (no event, no bookmark) before it is dropped and re-watched;
+    API servers send a bookmark about every minute."""
+
 
 @dataclass(frozen=True)
 class HealthSettings:

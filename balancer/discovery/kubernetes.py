@@ -251,8 +251,9 @@ class KubernetesDiscovery:
                 total=None,
                 connect=self.settings.api_timeout,
                 sock_connect=self.settings.api_timeout,
-                # a silent, half-open connection must not hang us past the server's own timeout
-                sock_read=timeout + self.settings.api_timeout,
+                # a silent stream (half-open connection, stuck API server) is dropped after watch_idle_timeout:
+                # API servers send a bookmark about every minute, so silence longer than that is a fault
+                sock_read=min(timeout + self.settings.api_timeout, self.settings.watch_idle_timeout),
             ),
         )
         try:
@@ -260,9 +261,13 @@ class KubernetesDiscovery:
                 raise status_error(_json_or_none(await resp.read()), resp.status)
             self._connected = True
             lines = LineBuffer()
-            async for chunk in resp.content.iter_any():
-                for line in lines.feed(chunk):
-                    self._handle_line(line, sink)
+            try:
+                async for chunk in resp.content.iter_any():
+                    for line in lines.feed(chunk):
+                        self._handle_line(line, sink)
+            except aiohttp.ServerTimeoutError:
+                raise TimeoutError(f"watch stream silent for {self.settings.watch_idle_timeout:g}s "
+                                   "(no event, no bookmark); watching again") from None
         finally:
             resp.close()
             if self._clock() - started >= PROGRESS_SECONDS:
