@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from balancer.admission import FULL, Choice
+from balancer.admission import FULL, Choice, live_source, retarget_device
 from balancer.config import Config
 from balancer.instance import IdPattern, parse_instance_id, requested_device
 from balancer.logs import event
@@ -31,7 +31,7 @@ from balancer.proxy import (
     forwarded_headers,
 )
 from balancer.routes import ANY, BAD_METHOD, BAD_PATH, INSTANCE, START, STATUS_ALL, Route, classify
-from balancer.status import merge_status_lists
+from balancer.status import BadStatusQuery, StatusQuery, merge_status_lists, parse_status_query
 from balancer.worker import Worker
 
 log = logging.getLogger("balancer.dispatch")
@@ -39,6 +39,7 @@ log = logging.getLogger("balancer.dispatch")
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 WORKER_HEADER = "X-Pipeline-Worker"
 MISSING_HEADER = "X-Pipeline-Balancer-Missing"
+FALLBACK_HEADER = "X-Pipeline-Device-Fallback"
 OWNER_LOOKUPS_AT_ONCE = 4
 NEGATIVE_CACHE_SIZE = 4096
 
@@ -77,6 +78,8 @@ class Dispatcher:
         self._unknown: OrderedDict[str, float] = OrderedDict()
         """Ids every worker said it does not know, until when: a client looping over bad ids
         must not make the balancer ask every worker each time."""
+        self.rejection_listeners: list[Callable[[dict[str, Any]], None]] = []
+        """Called with the 503 body of every refused start (MQTT events); must not block."""
 
     async def handle(self, req: ClientRequest) -> Response:
         route = classify(req.method, req.path_qs.split("?", 1)[0])
@@ -109,8 +112,12 @@ class Dispatcher:
             pick = self.pool.pick(device, frozenset(w for w in unreachable))
             if isinstance(pick, Choice):
                 return self._reject(pick, device, unreachable)
+            sent = req
+            if pick.fallback is not None and device is not None:
+                sent = ClientRequest(req.method, req.path_qs, req.headers,
+                                     retarget_device(req.body, device, pick.fallback), req.client_ip)
             try:
-                resp = await self._send(pick.worker, req, "start", fresh=True)
+                resp = await self._send(pick.worker, sent, "start", fresh=True)
             except NotDelivered as exc:
                 self.pool.release(pick)
                 self.pool.failed(pick.worker, str(exc))
@@ -125,42 +132,57 @@ class Dispatcher:
             except BaseException:
                 self.pool.release(pick)
                 raise
-            self._settle(pick, resp)
+            self._settle(pick, resp, req.body)
             self.metrics.admissions.labels("admitted").inc()
+            if pick.fallback is not None:
+                resp.headers.append((FALLBACK_HEADER, f"{device}->{pick.fallback}"))
             return resp
 
-    def _settle(self, ticket: Ticket, resp: Response) -> None:
+    def _settle(self, ticket: Ticket, resp: Response, body: bytes) -> None:
         instance_id = parse_instance_id(resp.body) if resp.status == 200 else None
         if instance_id is None:
             self.pool.release(ticket)
             return
-        self.pool.confirm(ticket, instance_id)
-        event(log, "pipeline started", worker=ticket.worker.name, instance=instance_id)
+        self.pool.confirm(ticket, instance_id, live_source(body))
+        if ticket.fallback is None:
+            event(log, "pipeline started", worker=ticket.worker.name, instance=instance_id)
+        else:
+            event(log, "pipeline started", worker=ticket.worker.name, instance=instance_id,
+                  device_fallback=ticket.fallback)
 
     def _reject(self, choice: Choice, device: str | None, unreachable: list[str]) -> Response:
         pool_name = device or "any"
         in_pool = len(choice.passed) + len(unreachable)
         retry = [("Retry-After", str(self.config.admission.retry_after))]
         self.metrics.admissions.labels("rejected").inc()
+        body: dict[str, Any]
         if in_pool == 0:
             self.metrics.rejections.labels("no_workers", pool_name).inc()
-            return json_response(
-                503, {"error": "no workers" if device is None else f"no {device} workers",
-                      "pool": pool_name, "workers": 0}, retry,
-            )
-        full = sum(1 for r in choice.passed.values() if r.state == FULL)
-        reason = "full" if full else "unavailable"
-        self.metrics.rejections.labels(reason, pool_name).inc()
-        body = {
-            "error": "no worker has room" if device is None else f"no {device} worker has room",
-            "pool": pool_name,
-            "workers": in_pool,
-            "full": full,
-            "unavailable": in_pool - full,
-            "reasons": {name: f"{r.state}: {r.reason}" for name, r in choice.passed.items()},
-        }
-        if unreachable:
-            body["unreachable"] = [w.name for w in map(self.pool.get, unreachable) if w is not None]
+            body = {"error": "no workers" if device is None else f"no {device} workers",
+                    "pool": pool_name, "workers": 0}
+        else:
+            full = sum(1 for r in choice.passed.values() if r.state == FULL)
+            reason = "full" if full else "unavailable"
+            self.metrics.rejections.labels(reason, pool_name).inc()
+            body = {
+                "error": "no worker has room" if device is None else f"no {device} worker has room",
+                "pool": pool_name,
+                "workers": in_pool,
+                "full": full,
+                "unavailable": in_pool - full,
+                "reasons": {name: f"{r.state}: {r.reason}" for name, r in choice.passed.items()},
+            }
+            if unreachable:
+                body["unreachable"] = [w.name for w in map(self.pool.get, unreachable) if w is not None]
+        if choice.fallback is not None:
+            body["fallback"] = choice.fallback
+            body["error"] = f"no {device} or {choice.fallback} worker has room" if in_pool else (
+                f"no {device} or {choice.fallback} workers")
+        for listener in self.rejection_listeners:
+            try:
+                listener(body)
+            except Exception:  # a dashboard's listener must never break routing
+                log.exception("rejection listener failed")
         return json_response(503, body, retry)
 
     # ---- instance routes -------------------------------------------------------------------
@@ -197,15 +219,25 @@ class Dispatcher:
 
     # ---- fan-out and any-worker routes ------------------------------------------------------
     async def _status_all(self, req: ClientRequest) -> Response:
+        """Every worker's list, merged; ``?state=`` filters and ``?worker=true`` names the worker."""
+        path, _, query_string = req.path_qs.partition("?")
+        if query_string:
+            try:
+                query = parse_status_query(query_string)
+            except BadStatusQuery as exc:
+                return json_response(400, exc.payload)
+            path_qs = f"{path}?{query.forward_query}" if query.forward_query else path
+        else:
+            path_qs, query = path, StatusQuery()
         workers = self.pool.workers()
-        probe = Request("GET", req.path_qs, forwarded_headers(req.headers, req.client_ip))
+        probe = Request("GET", path_qs, forwarded_headers(req.headers, req.client_ip))
         timeout = self.config.upstream.status_timeout
         results = await asyncio.gather(*(self._ask(w, probe, timeout) for w in workers))
         answers = [
             (w.name, r.body if r is not None and r.status == 200 else None)
             for w, r in zip(workers, results, strict=True)
         ]
-        merged = merge_status_lists(answers)
+        merged = merge_status_lists(answers, query)
         headers = [("Content-Type", "application/json")]
         if merged.missing:
             headers.append((MISSING_HEADER, ", ".join(merged.missing)))

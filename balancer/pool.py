@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from balancer.admission import Choice, Limits, Room, choose, room
+from balancer.admission import ROUND_ROBIN, Choice, Limits, Room, choose, in_pool, room
 from balancer.discovery.base import WorkerSpec
 from balancer.instance import mac_suffix
 from balancer.status import StatusEntry
@@ -31,13 +31,25 @@ class Ticket:
 
     worker: Worker
     token: int
+    fallback: str | None = None
+    """The device pool the start was moved to (``DEVICE_FALLBACK``): its body must ask for it."""
 
 
 class WorkerPool:
-    def __init__(self, limits: Limits, pending_timeout: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        pending_timeout: float,
+        clock: Callable[[], float],
+        strategy: str = ROUND_ROBIN,
+        fallback: Mapping[str, str] | None = None,
+    ) -> None:
         self.limits = limits
         self.pending_timeout = pending_timeout
         self.clock = clock
+        self.strategy = strategy
+        self.fallback = dict(fallback or {})
+        """Requested device pool -> the pool to try when it has no room (``{"GPU": "CPU"}``)."""
         self._workers: dict[str, Worker] = {}
         self._owners: dict[str, str] = {}
         """instance id -> worker key, for every id a worker has listed or a start returned."""
@@ -103,28 +115,44 @@ class WorkerPool:
         workers = []
         for worker in self._workers.values():
             verdict = room(worker, self.limits, now)
-            workers.append(worker.to_dict(now, verdict.state, verdict.reason))
+            workers.append(worker.to_dict(now, verdict.state, verdict.reason, worker.estimate(self.limits.warmup)))
         return {"workers": workers, "instances_known": len(self._owners)}
 
     # ---- admission ----------------------------------------------------------------------
     def pick(self, device: str | None = None, exclude: frozenset[str] = frozenset()) -> Ticket | Choice:
-        """Reserve a slot on the next worker with room (round-robin), or say why there is none."""
+        """Reserve a slot on the worker the strategy picks among those with room in the device pool,
+        then in its fallback pool if one is configured; or say why there is none."""
         workers = self.workers()
-        choice = choose(workers, self._cursor, self.limits, self.clock(), device, exclude)
+        now = self.clock()
+        choice = choose(workers, self._cursor, self.limits, now, device, exclude, self.strategy)
+        moved_to = None
+        if choice.worker is None and device is not None and device in self.fallback:
+            moved_to = self.fallback[device]
+            # workers of no known device are in every pool: they were just tried
+            tried = exclude | {w.key for w in workers if in_pool(w, device)}
+            second = choose(workers, self._cursor, self.limits, now, moved_to, tried, self.strategy)
+            second.passed = {**choice.passed, **second.passed}
+            second.fallback = moved_to
+            choice = second
         if choice.worker is None:
             return choice
         self._cursor = choice.index + 1
         token = next(self._tokens)
-        choice.worker.reservations[token] = Reservation(token, self.clock())
+        choice.worker.reservations[token] = Reservation(token, now)
         self._note_state(choice.worker)
-        return Ticket(choice.worker, token)
+        return Ticket(choice.worker, token, moved_to)
 
-    def confirm(self, ticket: Ticket, instance_id: str) -> None:
-        """The worker accepted the start: hold the slot until its status list shows the id."""
+    def confirm(self, ticket: Ticket, instance_id: str, live: bool = False) -> None:
+        """The worker accepted the start: hold the slot until its status list shows the id.
+
+        ``live``: the start's source is live, so its fps is no measure of the worker's capacity.
+        """
         res = ticket.worker.reservations.get(ticket.token)
         if res is not None:
             res.instance_id = instance_id
             res.since = self.clock()
+        if live:
+            ticket.worker.live.add(instance_id)
         self.learn_owner(instance_id, ticket.worker)
 
     def release(self, ticket: Ticket) -> None:
@@ -150,7 +178,7 @@ class WorkerPool:
         """A good poll of ``worker``: take in its instances and learn who owns them."""
         if self._workers.get(worker.key) is not worker:
             return  # removed while the poll was on its way
-        lost = worker.observe(entries, self.clock(), self.pending_timeout)
+        lost = worker.observe(entries, self.clock(), self.pending_timeout, self.limits.warmup)
         for instance_id in lost:
             log.warning("start %s never appeared in %s's status list; slot released", instance_id, worker.name)
         for entry in entries:

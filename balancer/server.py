@@ -16,10 +16,11 @@ from aiohttp import web
 
 from balancer.admission import Limits
 from balancer.app import build_admin_app, build_app
-from balancer.config import Config, split_host_port
+from balancer.config import Config, parse_fallback, split_host_port
 from balancer.discovery import make_discovery
 from balancer.discovery.base import Discovery
 from balancer.dispatch import Dispatcher
+from balancer.events import EventPublisher
 from balancer.health import HealthPoller
 from balancer.logs import event, setup_logging
 from balancer.metrics import Metrics
@@ -31,7 +32,7 @@ log = logging.getLogger("balancer.server")
 
 def limits_from(config: Config) -> Limits:
     a = config.admission
-    return Limits(a.max_running_pipelines, a.target_fps, a.warmup, config.health.stale_after)
+    return Limits(a.max_running_pipelines, a.target_fps, a.warmup, config.health.stale_after, a.predictive)
 
 
 class Server:
@@ -49,8 +50,13 @@ class Server:
         self.discovery = discovery or make_discovery(config.discovery)
         self._upstream = upstream
         self.metrics = Metrics()
-        self.pool = WorkerPool(limits_from(config), config.admission.pending_timeout, clock)
+        self.pool = WorkerPool(limits_from(config), config.admission.pending_timeout, clock,
+                               config.admission.strategy, parse_fallback(config.admission.fallback))
         self.pool.listeners.append(self._on_pool_event)
+        self.events: EventPublisher | None = None
+        if config.mqtt.host:
+            self.events = EventPublisher(config.mqtt, self.metrics.registry, self.backends, clock)
+            self.pool.listeners.append(self.events.on_pool_event)
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._runners: list[web.AppRunner] = []
@@ -63,7 +69,9 @@ class Server:
             **self.pool.to_dict(),
             "discovery": self.discovery.to_dict(),
             "limits": {"max_running_pipelines": a.max_running_pipelines, "target_fps": a.target_fps,
-                       "warmup": a.warmup},
+                       "warmup": a.warmup, "predictive": a.predictive, "strategy": a.strategy,
+                       "device_fallback": a.fallback},
+            **({"mqtt": self.events.to_dict()} if self.events is not None else {}),
         }
 
     def readiness(self) -> tuple[bool, str]:
@@ -86,6 +94,9 @@ class Server:
         token = self._read_token()
         self._spawn("discovery", lambda: self.discovery.run(self.pool))
         self._spawn("health", self.poller.run)
+        if self.events is not None:
+            dispatcher.rejection_listeners.append(self.events.on_rejection)
+            self._spawn("mqtt", self.events.run)
 
         separate_admin = bool(cfg.server.admin_listen)
         await self._listen(build_app(self, dispatcher, token, not separate_admin), cfg.server.listen)

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 STATES = frozenset({"QUEUED", "RUNNING", "COMPLETED", "ERROR", "ABORTED"})
 ACTIVE_STATES = frozenset({"QUEUED", "RUNNING"})
@@ -74,13 +75,78 @@ class Merged:
     missing: list[str]
 
 
-def merge_status_lists(answers: Sequence[tuple[str, bytes | None]]) -> Merged:
-    """Concatenate each worker's list, in worker order, entries untouched.
+STATE_ORDER = ("QUEUED", "RUNNING", "COMPLETED", "ERROR", "ABORTED")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    """What ``GET /pipelines/status?...`` asks the balancer for, beyond the workers' own lists."""
+
+    states: frozenset[str] | None = None
+    """Keep only entries in these states (``?state=RUNNING,QUEUED``); None keeps all."""
+    with_worker: bool = False
+    """Add a ``"worker"`` field naming the worker to each entry (``?worker=true``)."""
+    forward_query: str = ""
+    """Query parameters that are not the balancer's, passed on to the workers unchanged."""
+
+
+class BadStatusQuery(ValueError):
+    """A query the balancer cannot honour; ``payload`` is the JSON body of the 400."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        super().__init__(payload["error"])
+        self.payload = payload
+
+
+def parse_status_query(query: str) -> StatusQuery:
+    """``state=RUNNING,QUEUED&worker=true`` → :class:`StatusQuery`; BadStatusQuery on a bad value.
+
+    States are case-insensitive, comma-separated and may repeat (``state=RUNNING&state=QUEUED``).
+    An unknown state is an error, not an empty answer: a typo must not look like "nothing runs".
+    """
+    states: set[str] = set()
+    asked_states = False
+    with_worker = False
+    rest: list[tuple[str, str]] = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "state":
+            asked_states = True
+            wanted = [v.strip().upper() for v in value.split(",") if v.strip()]
+            unknown = [v for v in wanted if v not in STATES]
+            if unknown or not wanted:
+                raise BadStatusQuery({
+                    "error": f"unknown state {', '.join(unknown)}" if unknown else "empty state filter",
+                    "parameter": "state",
+                    "allowed": list(STATE_ORDER),
+                })
+            states.update(wanted)
+        elif name == "worker":
+            word = value.strip().lower()
+            if word not in TRUE_WORDS | FALSE_WORDS:
+                raise BadStatusQuery({
+                    "error": f"worker must be true or false, not {value!r}",
+                    "parameter": "worker",
+                    "allowed": ["true", "false"],
+                })
+            with_worker = word in TRUE_WORDS
+        else:
+            rest.append((name, value))
+    return StatusQuery(frozenset(states) if asked_states else None, with_worker, urlencode(rest))
+
+
+def merge_status_lists(
+    answers: Sequence[tuple[str, bytes | None]], query: StatusQuery | None = None
+) -> Merged:
+    """Concatenate each worker's list, in worker order, entries untouched unless ``query`` asks.
 
     ``answers`` holds ``(worker name, body)`` with body None where the worker failed.
     A body that is not a JSON list counts as failed: a client must get a list of
-    entries, never a worker's error object spliced in.
+    entries, never a worker's error object spliced in. ``query`` filters by state and
+    adds the ``"worker"`` field (opt-in: strict clients keep the original shape).
     """
+    query = query or StatusQuery()
     merged: list[Any] = []
     missing = []
     for name, body in answers:
@@ -94,5 +160,9 @@ def merge_status_lists(answers: Sequence[tuple[str, bytes | None]]) -> Merged:
         if not isinstance(payload, list):
             missing.append(name)
             continue
+        if query.states is not None:
+            payload = [e for e in payload if isinstance(e, dict) and e.get("state") in query.states]
+        if query.with_worker:
+            payload = [{**e, "worker": name} if isinstance(e, dict) else e for e in payload]
         merged.extend(payload)
     return Merged(body=json.dumps(merged).encode() + b"\n", missing=missing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,10 @@ from balancer.status import ACTIVE_STATES, StatusEntry
 
 MIN_SAMPLE_GAP = 0.2
 """Seconds of elapsed_time between two samples below which a current-fps estimate is noise."""
+
+CAPACITY_WINDOW = 10.0
+"""Seconds of polls one capacity measurement spans at most: long enough to average out rate noise
+and whole-frame rounding (0.25 s at 30 fps is 7 frames), short enough to follow a worker that slows."""
 
 
 @dataclass
@@ -24,6 +29,9 @@ class Instance:
     elapsed_time: float | None
     current_fps: float | None = None
     """Frames per second between the last two polls; None until two samples exist."""
+    live: bool = False
+    """Started through this balancer with a live source (camera, RTSP): it runs at its own frame
+    rate, so its fps says nothing about the worker's capacity."""
 
     def fps(self) -> float:
         """The best rate we have: current once two samples exist, else the cumulative average."""
@@ -36,7 +44,39 @@ class Instance:
             "avg_fps": round(self.avg_fps, 2),
             "current_fps": None if self.current_fps is None else round(self.current_fps, 2),
             "elapsed_time": self.elapsed_time,
+            "live": self.live,
         }
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a worker delivered in total while a set of streams ran unchanged on it."""
+
+    fps: float
+    """Sum of the streams' frame rates over the window: the worker's capacity if it was saturated."""
+    streams: int
+    """How many streams were running."""
+    at: float
+    """Clock time of the measurement."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predictive admission's figures for one worker (DESIGN §3)."""
+
+    capacity_fps: float
+    predicted_fps: float
+    """The rate each capacity-bound stream would get with one more start: (capacity - live) / (sharing + 1)."""
+    sharing: int
+    """Streams that share the capacity now: running non-live, queued, and starts in flight."""
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One good poll's RUNNING streams: id -> (frames so far, elapsed seconds)."""
+
+    at: float
+    streams: dict[str, tuple[float, float]]
 
 
 @dataclass
@@ -81,6 +121,13 @@ class Worker:
     polls: int = 0
     poll_failures: int = 0
     total_listed: int = 0
+    live: set[str] = field(default_factory=set)
+    """Ids of starts this balancer sent with a live source (see :class:`Instance`)."""
+    capacity: Capacity | None = None
+    """The last capacity measurement; kept across changes of the stream set (the worker's capacity
+    does not change when a stream starts, but a window spanning the change would mis-measure it)."""
+    _samples: deque[_Sample] = field(default_factory=deque, repr=False)
+    """Polls since the set of RUNNING streams last changed, at most ``CAPACITY_WINDOW`` apart."""
 
     @property
     def key(self) -> str:
@@ -103,12 +150,17 @@ class Worker:
         """Active instances plus starts not yet seen: what admission counts against the limit."""
         return self.active + self.reserved
 
-    def observe(self, entries: list[StatusEntry], now: float, pending_timeout: float) -> list[str]:
+    def observe(
+        self, entries: list[StatusEntry], now: float, pending_timeout: float, warmup: float = 0.0
+    ) -> list[str]:
         """Take in a good poll. Returns the reservations' ids that were dropped as lost."""
         seen = {e.id for e in entries}
         self.instances = {
             e.id: _next_sample(self.instances.get(e.id), e) for e in entries if e.state in ACTIVE_STATES
         }
+        for instance in self.instances.values():
+            instance.live = instance.id in self.live
+        self._measure(entries, now, warmup)
         self.macs.update(m for m in (mac_suffix(e.id) for e in entries) if m)
         self.total_listed = len(entries)
         lost = []
@@ -120,18 +172,74 @@ class Worker:
             elif now - res.since > pending_timeout:
                 lost.append(res.instance_id)
                 del self.reservations[token]
+        pending = {r.instance_id for r in self.reservations.values() if r.instance_id is not None}
+        self.live &= self.instances.keys() | pending
         self.polled_at, self.polled_wall, self.error = now, time.time(), None
         self.polls += 1
         return lost
+
+    def _measure(self, entries: list[StatusEntry], now: float, warmup: float) -> None:
+        """Measure the worker's capacity over the polls since its set of RUNNING streams last changed.
+
+        Only such a window is clean: when a stream starts or stops every rate changes, and a window
+        spanning that moment would mix two regimes. The measurement starts at the first poll where a
+        non-live stream is past its warm-up (before that, a pipeline loading its model shows a rate
+        far below what the worker can do), and it sums every running stream, warm or not.
+        """
+        running = {
+            e.id: (e.avg_fps * e.elapsed_time, e.elapsed_time)
+            for e in entries if e.state == "RUNNING" and e.elapsed_time is not None
+        }
+        if not self._samples or self._samples[-1].streams.keys() != running.keys():
+            self._samples.clear()
+        self._samples.append(_Sample(now, running))
+        while len(self._samples) > 2 and self._samples[1].at <= now - CAPACITY_WINDOW:
+            self._samples.popleft()
+        last = self._samples[-1]
+        base = next(
+            (s for s in list(self._samples)[:-1]
+             if any(e >= warmup and i not in self.live for i, (_, e) in s.streams.items())),
+            None,
+        )
+        if base is None:
+            return
+        total = 0.0
+        for instance_id, (frames, elapsed) in last.streams.items():
+            base_frames, base_elapsed = base.streams[instance_id]
+            if elapsed - base_elapsed < MIN_SAMPLE_GAP:
+                return
+            total += max(0.0, (frames - base_frames) / (elapsed - base_elapsed))
+        self.capacity = Capacity(total, len(running), now)
+
+    def estimate(self, warmup: float) -> Estimate | None:
+        """Capacity and the fps one more start would leave each stream, or None when unknown.
+
+        Unknown: never measured, or no warmed-up non-live stream runs now (an idle worker, or one
+        with only live streams, gives no sign of where its limit is). The next start, the queued
+        instances and the starts in flight are assumed to take a full share each (not live).
+        """
+        if self.capacity is None:
+            return None
+        running = [i for i in self.instances.values() if i.state == "RUNNING"]
+        if not any(not i.live and (i.elapsed_time or 0.0) >= warmup for i in running):
+            return None
+        live_fps = sum(i.fps() for i in running if i.live)
+        sharing = sum(1 for i in running if not i.live) + (self.active - len(running)) + self.reserved
+        predicted = max(0.0, self.capacity.fps - live_fps) / (sharing + 1)
+        return Estimate(self.capacity.fps, predicted, sharing)
 
     def failed(self, error: str) -> None:
         """A poll or a forwarded request could not reach the worker: no room until the next good poll."""
         self.error = error
         self.poll_failures += 1
 
-    def to_dict(self, now: float, state: str, reason: str) -> dict[str, Any]:
-        """The one description of this worker: ``/backends``, logs and tests all use it."""
+    def to_dict(self, now: float, state: str, reason: str, estimate: Estimate | None = None) -> dict[str, Any]:
+        """The one description of this worker: ``/backends``, logs and tests all use it.
+
+        ``estimate`` is :meth:`estimate` for the pool's warm-up (the caller knows the limits).
+        """
         fps = [i.fps() for i in self.instances.values() if i.state == "RUNNING"]
+        capacity = self.capacity
         return {
             "name": self.name,
             "key": self.key,
@@ -149,6 +257,10 @@ class Worker:
                 "total": round(sum(fps), 2),
                 "instances": {i.id: round(i.fps(), 2) for i in self.instances.values()},
             },
+            "capacity_fps": None if capacity is None else round(capacity.fps, 2),
+            "capacity_streams": None if capacity is None else capacity.streams,
+            "capacity_age": None if capacity is None else round(now - capacity.at, 3),
+            "predicted_fps": None if estimate is None else round(estimate.predicted_fps, 2),
             "instances": [i.to_dict() for i in self.instances.values()],
             "instances_listed": self.total_listed,
             "macs": sorted(self.macs),
