@@ -136,6 +136,16 @@ def parse_status_query(query: str) -> StatusQuery:
     return StatusQuery(frozenset(states) if asked_states else None, with_worker, urlencode(rest))
 
 
+def _is_entry(value: Any) -> bool:
+    """A status entry as the health poll accepts it (see :func:`parse_status_list`)."""
+    if not isinstance(value, dict) or not isinstance(value.get("id"), str) or value.get("state") not in STATES:
+        return False
+    return all(
+        value.get(key) is None or (isinstance(value[key], int | float) and not isinstance(value[key], bool))
+        for key in ("avg_fps", "elapsed_time")
+    )
+
+
 def merge_status_lists(
     answers: Sequence[tuple[str, bytes | None]], query: StatusQuery | None = None
 ) -> Merged:
@@ -157,8 +167,8 @@ def merge_status_lists(
             payload = json.loads(body)
         except (ValueError, RecursionError):
             payload = None
-        if not isinstance(payload, list):
-            missing.append(name)
+        if not isinstance(payload, list) or not all(_is_entry(e) for e in payload):
+            missing.append(name)  # garbage from a broken worker is left out, as its health poll says
             continue
         if query.states is not None:
             payload = [e for e in payload if isinstance(e, dict) and e.get("state") in query.states]
