@@ -11,6 +11,7 @@ import asyncio
 import json
 import threading
 import uuid
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +31,12 @@ class FakeWorker:
         self.post_close = False
         self.status_body: bytes | None = None
         self.status_delay = 0.0
+        self.status_code = 200  # e.g. 500: the status list answers this code (with status_body if set)
+        self.start_error_echo = False  # a start answers 400 with a message that echoes the source URI
+        self.lookup_delay = 0.0  # seconds GET /pipelines/status/{id} takes
+        self.requests: Counter[str] = Counter()  # "METHOD path" of every request received
+        self.lookups_in_flight = 0
+        self.max_lookups_in_flight = 0
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -48,7 +55,7 @@ class FakeWorker:
 
     # ---- the server -------------------------------------------------------------------------
     async def _serve(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._count])
         app.router.add_get("/pipelines/status", self._status)
         app.router.add_get("/pipelines", self._definitions)
         app.router.add_post("/pipelines/{name}/{version}", self._start)
@@ -57,11 +64,19 @@ class FakeWorker:
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
 
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests[f"{request.method} {request.path}"] += 1
+        response: web.StreamResponse = await handler(request)
+        return response
+
     async def _status(self, request: web.Request) -> web.StreamResponse:
         if self.status_delay:
             await asyncio.sleep(self.status_delay)
         if self.status_body is not None:
-            return web.Response(body=self.status_body, content_type="application/json")
+            return web.Response(body=self.status_body, status=self.status_code, content_type="application/json")
+        if self.status_code != 200:
+            return web.json_response({"detail": "broken on purpose"}, status=self.status_code)
         return web.json_response(self.instances)
 
     async def _definitions(self, request: web.Request) -> web.Response:
@@ -69,8 +84,11 @@ class FakeWorker:
                                    "type": "GStreamer", "description": "fake"}])
 
     async def _start(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
+        body = await request.read()
         self.starts_received += 1
+        if self.start_error_echo:
+            uri = json.loads(body).get("source", {}).get("uri", "")
+            return web.json_response(f"Invalid source: cannot open {uri}", status=400)
         if self.post_close:
             assert request.transport is not None
             request.transport.close()
@@ -83,7 +101,14 @@ class FakeWorker:
         return web.Response(text=json.dumps(instance_id) + "\n", content_type="application/json")
 
     async def _one(self, request: web.Request) -> web.Response:
-        for inst in self.instances:
-            if inst["id"] == request.match_info["id"]:
-                return web.json_response(inst)
-        return web.json_response("Invalid instance", status=400)
+        self.lookups_in_flight += 1
+        self.max_lookups_in_flight = max(self.max_lookups_in_flight, self.lookups_in_flight)
+        try:
+            if self.lookup_delay:
+                await asyncio.sleep(self.lookup_delay)
+            for inst in self.instances:
+                if inst["id"] == request.match_info["id"]:
+                    return web.json_response(inst)
+            return web.json_response("Invalid instance", status=400)
+        finally:
+            self.lookups_in_flight -= 1
