@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ MIN_SAMPLE_GAP = 0.2
 CAPACITY_WINDOW = 10.0
 """Seconds of polls one capacity measurement spans at most: long enough to average out rate noise
 and whole-frame rounding (0.25 s at 30 fps is 7 frames), short enough to follow a worker that slows."""
+
+CAPACITY_MEMORY = 20.0
+"""Seconds over which earlier measurements fade (exponentially) when combined with the current one:
+a window cut short by the next start is noisy, and the worker's capacity did not change with it."""
 
 
 @dataclass
@@ -58,6 +63,16 @@ class Capacity:
     """How many streams were running."""
     at: float
     """Clock time of the measurement."""
+    weight: float = 0.0
+    """Seconds of measurement behind ``fps`` (earlier ones faded by ``CAPACITY_MEMORY``)."""
+
+
+def combine(prior: Capacity | None, fps: float, window: float, streams: int, now: float) -> Capacity:
+    """A new window's figure averaged with what earlier windows said, weighted by their seconds."""
+    if prior is None:
+        return Capacity(fps, streams, now, window)
+    weight = prior.weight * math.exp(-(now - prior.at) / CAPACITY_MEMORY)
+    return Capacity((prior.fps * weight + fps * window) / (weight + window), streams, now, weight + window)
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,8 @@ class Worker:
     does not change when a stream starts, but a window spanning the change would mis-measure it)."""
     _samples: deque[_Sample] = field(default_factory=deque, repr=False)
     """Polls since the set of RUNNING streams last changed, at most ``CAPACITY_WINDOW`` apart."""
+    _prior: Capacity | None = field(default=None, repr=False)
+    """``capacity`` as it stood when the stream set last changed: earlier windows' figure."""
 
     @property
     def key(self) -> str:
@@ -192,6 +209,7 @@ class Worker:
         }
         if not self._samples or self._samples[-1].streams.keys() != running.keys():
             self._samples.clear()
+            self._prior = self.capacity
         self._samples.append(_Sample(now, running))
         while len(self._samples) > 2 and self._samples[1].at <= now - CAPACITY_WINDOW:
             self._samples.popleft()
@@ -203,13 +221,15 @@ class Worker:
         )
         if base is None:
             return
-        total = 0.0
+        total, window = 0.0, math.inf
         for instance_id, (frames, elapsed) in last.streams.items():
             base_frames, base_elapsed = base.streams[instance_id]
-            if elapsed - base_elapsed < MIN_SAMPLE_GAP:
+            gap = elapsed - base_elapsed
+            if gap < MIN_SAMPLE_GAP:
                 return
-            total += max(0.0, (frames - base_frames) / (elapsed - base_elapsed))
-        self.capacity = Capacity(total, len(running), now)
+            total += max(0.0, (frames - base_frames) / gap)
+            window = min(window, gap)
+        self.capacity = combine(self._prior, total, window, len(running), now)
 
     def estimate(self, warmup: float) -> Estimate | None:
         """Capacity and the fps one more start would leave each stream, or None when unknown.
