@@ -39,6 +39,8 @@ SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="YAML config file")
     parser.add_argument("--kubernetes", action="store_true", help="discover workers by watching pods")
+    parser.add_argument("--ha", action="store_true",
+                        help="active-passive replicas: only the holder of the Kubernetes Lease serves (docs/ha.md)")
     for flag, dotted, kwargs in SERVE_OPTIONS:
         parser.add_argument(flag, dest=dotted, default=None, **kwargs)
 
@@ -48,6 +50,8 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {dotted: getattr(args, dotted) for _, dotted, _ in SERVE_OPTIONS}
     if args.kubernetes:
         overrides["discovery.source"] = "kubernetes"
+    if args.ha:
+        overrides["ha.enabled"] = True
     return overrides
 
 

@@ -283,6 +283,34 @@ class LogSettings:
     """``text`` for people, ``json`` for log pipelines: one object per line."""
 
 
+def lease_name(value: Any) -> str | None:
+    ok = len(value) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value)
+    return None if ok else "is not a Kubernetes object name (lowercase letters, digits, '-', '.')"
+
+
+@dataclass(frozen=True)
+class HaSettings:
+    """Active-passive replicas: a ``coordination.k8s.io/v1`` Lease elects the one that serves (docs/ha.md)."""
+
+    enabled: bool = setting(False, "HA_ENABLED")
+    """Take part in leader election; only the lease holder is ready and serves pipeline routes."""
+
+    lease_name: str = setting("pipeline-balancer", "HA_LEASE_NAME", lease_name)
+    """Name of the Lease, in the namespace of the watched pods."""
+
+    lease_duration: int = setting(15, "HA_LEASE_DURATION", positive)
+    """Seconds a standby waits, by its own clock, after the lease last changed before taking it over."""
+
+    renew_deadline: float = setting(10.0, "HA_RENEW_DEADLINE", positive)
+    """Seconds the leader keeps serving without a successful renewal; then it steps down."""
+
+    retry_period: float = setting(2.0, "HA_RETRY_PERIOD", positive)
+    """Seconds between two lease reads or renewals."""
+
+    identity: str = setting("", "POD_NAME")
+    """This replica's holder identity; empty: hostname and process id."""
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the balancer is told. Built by :func:`load_config`, never mutated."""
@@ -293,6 +321,7 @@ class Config:
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    ha: HaSettings = field(default_factory=HaSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
 
 
@@ -398,6 +427,13 @@ def _cross_checks(config: Config) -> list[str]:
         errors.append("static discovery needs workers: --workers http://host:8080,... or $WORKERS")
     if config.health.poll_timeout > config.health.stale_after:
         errors.append("health.poll_timeout must not exceed health.stale_after")
+    ha = config.ha
+    if ha.enabled and config.discovery.source != "kubernetes":
+        errors.append("ha.enabled needs Kubernetes discovery (--kubernetes): the lease lives in the API server")
+    if ha.renew_deadline >= ha.lease_duration:
+        errors.append("ha.renew_deadline must be shorter than ha.lease_duration")
+    if ha.retry_period >= ha.renew_deadline:
+        errors.append("ha.retry_period must be shorter than ha.renew_deadline")
     return errors
 
 
