@@ -185,11 +185,12 @@ def bench(args: argparse.Namespace) -> int:
     started = time.monotonic()
     common.use_source(args.src)
     common.require_tools("haproxy")
-    reps = args.reps or (1 if args.smoke else 3)
+    reps = args.reps or (1 if args.smoke or args.quick else 3)
     bursts = [int(b) for b in (args.bursts or ("40" if args.smoke else "10,20,40,80")).split(",")]
-    paths = common.results_paths(NAME, args.out, args.smoke)
+    paths = common.results_paths(NAME, args)
     params = {"reps": reps, "bursts": bursts, "workers": WORKERS, "max_running_pipelines": MAX_RUNNING,
-              "worker_capacity_fps": CAPACITY_FPS, "target_fps": 0, "agent_inter_s": 1, "smoke": args.smoke}
+              "worker_capacity_fps": CAPACITY_FPS, "target_fps": 0, "agent_inter_s": 1,
+              "smoke": args.smoke, "quick": args.quick}
     doc = common.document(NAME, TITLE, params, started)
     print(f"{TITLE}: {params}")
     runs = []

@@ -212,13 +212,14 @@ class Child:
                 _children.remove(self)
 
 
-def spawn(args: Sequence[str], name: str, env: dict[str, str] | None = None) -> Child:
-    """Start ``args`` in a new session; stdout and stderr go to a log in the run's temp dir."""
+def spawn(args: Sequence[str], name: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Child:
+    """Start ``args`` in a new session (in the balancer source tree unless ``cwd``); stdout and stderr
+    go to a log in the run's temp dir."""
     log_path = tmp_root() / f"{name}-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
         popen = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                 start_new_session=True, cwd=source.path)
+                                 start_new_session=True, cwd=cwd or source.path)
     child = Child(name, popen, log_path)
     with _children_lock:
         _children.append(child)
@@ -496,14 +497,22 @@ def start_balancer(workers: Sequence[str], env: dict[str, str] | None = None, ar
                      "--log-level", "WARNING", *args)
     child = spawn(cmd, name, env=env)
     child.url = f"http://127.0.0.1:{port}"
-    wait_port("127.0.0.1", port, timeout, child)
+    child.extra = {"workers": len(workers)}
     if wait_ready:
-        def ready() -> bool:
-            states = [w["state"] for w in get_json(child.url + "/backends")["workers"]]
-            return len(states) == len(workers) and all(s == "ready" for s in states)
-
-        wait_until(ready, timeout, f"{name}: all {len(workers)} workers ready")
+        wait_balancer(child, timeout)
     return child
+
+
+def wait_balancer(child: Child, timeout: float = 30.0) -> None:
+    """Until the balancer answers and every one of its workers is ``ready``."""
+    port = int(child.url.rsplit(":", 1)[1])
+    wait_port("127.0.0.1", port, timeout, child)
+
+    def ready() -> bool:
+        states = [w["state"] for w in get_json(child.url + "/backends")["workers"]]
+        return len(states) == child.extra["workers"] and all(s == "ready" for s in states)
+
+    wait_until(ready, timeout, f"{child.name}: all {child.extra['workers']} workers ready")
 
 
 def start_sim_worker(capacity: float, mac: str, max_running: int = 0, target_fps: float = 0.0,
@@ -678,21 +687,25 @@ def machine() -> dict[str, Any]:
 
 
 def add_common_args(parser: argparse.ArgumentParser, reps: int) -> None:
-    parser.add_argument("--smoke", action="store_true", help="a ~5 s run that only checks the machinery")
-    parser.add_argument("--reps", type=int, default=None, help=f"interleaved repetitions (default {reps})")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="a ~5-10 s run that only checks the machinery")
+    size.add_argument("--quick", action="store_true", help="a shorter run for CI: one repetition, shorter runs")
+    parser.add_argument("--reps", type=int, default=None,
+                        help=f"interleaved repetitions (default {reps}; 1 with --smoke or --quick)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default bench-results/<name>/; smoke runs write smoke.* there)")
+                        help="results folder (default bench-results/<name>/); files are latest.json|png|md, "
+                             "or quick.* / smoke.* for --quick / --smoke")
     parser.add_argument("--max-seconds", type=float, default=None, help="hard bound on the whole run")
     parser.add_argument("--src", default=None, metavar="DIR|REV",
                         help="balancer to measure: a source directory or a git revision such as HEAD "
                              "(exported to a temp dir); default: this checkout as it is")
 
 
-def results_paths(name: str, out: Path | None, smoke: bool) -> tuple[Path, Path, Path]:
-    """(json, png, md) for this run: ``latest.*``, or ``smoke.*`` for a smoke run."""
-    folder = out or RESULTS / name
+def results_paths(name: str, args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """(json, png, md) for this run: ``latest.*``, or ``smoke.*`` / ``quick.*``."""
+    folder = args.out or RESULTS / name
     folder.mkdir(parents=True, exist_ok=True)
-    stem = "smoke" if smoke else "latest"
+    stem = "smoke" if args.smoke else "quick" if args.quick else "latest"
     return folder / f"{stem}.json", folder / f"{stem}.png", folder / f"{stem}.md"
 
 

@@ -41,7 +41,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m scripts.bench.density", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, reps=3)
-    p.add_argument("--quick", action="store_true", help="CI size: one repetition, 10 s hold (~40 s)")
     p.add_argument("--capacities", default=None, help="worker capacities in fps (default 130,130,700)")
     p.add_argument("--target-fps", type=float, default=30.0, help="TARGET_FPS (default 30)")
     p.add_argument("--interval", type=float, default=None, help="seconds between two starts (default 0.5)")
@@ -205,8 +204,9 @@ def plot(rows: list[dict[str, Any]], path: Any) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels([r["config"] for r in rows])
     ax.set_ylabel("streams")
+    ax.set_ylim(0, 1.3 * max([1, *(r["admitted"] for r in rows), *(r["theoretical"] for r in rows)]))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
     ax.set_title("Stream density (medians)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -224,13 +224,13 @@ def bench(args: argparse.Namespace) -> int:
         "interval": args.interval or (0.25 if args.smoke else 0.5),
         "refusals": args.refusals or (3 if args.smoke else 5),
         "hold": args.hold if args.hold is not None else (1.0 if args.smoke else 10.0 if args.quick else 30.0),
-        "fill_s": 3.0 if args.smoke else 90.0,
+        "fill_s": 2.0 if args.smoke else 90.0,
     }
     opts["theoretical"] = theoretical(capacities, args.target_fps)
     envs, note = predictive_envs(args.predictive_env)
     opts["balancer_envs"], opts["predictive_note"] = envs, note[0].upper() + note[1:]
     configs = ["haproxy", *envs]
-    paths = common.results_paths(NAME, args.out, args.smoke)
+    paths = common.results_paths(NAME, args)
     params = {**opts, "reps": reps, "configs": configs, "parallel": not args.sequential, "smoke": args.smoke,
               "quick": args.quick, "source": "file (unthrottled)", "destination": "none",
               "balancer_settings": "defaults (poll 1 s, FPS_WARMUP 5 s) + TARGET_FPS"}

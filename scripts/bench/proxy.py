@@ -60,7 +60,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m scripts.bench.proxy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, reps=3)
-    p.add_argument("--duration", type=float, default=None, help="whole seconds per wrk run (default 3; smoke 1)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="whole seconds per wrk run (default 3; quick 2; smoke 1)")
     p.add_argument("--connections", default=None, help="comma-separated connection counts (default 1,32,128)")
     p.add_argument("--fronts", default=None,
                    help="balancer front ends to include, comma-separated (default: every choice of "
@@ -77,8 +78,11 @@ def start_targets(fronts: list[str]) -> tuple[dict[str, Child], Child, dict[str,
     for front in fronts or [""]:
         name = f"balancer-{front}" if front else "balancer"
         args = ["--front", front] if front else []
-        procs[name] = common.start_balancer([s.url for s in stubs], args=args, name=name)
+        procs[name] = common.start_balancer([s.url for s in stubs], args=args, name=name, wait_ready=False)
         urls[name] = procs[name].url
+    for name, proc in procs.items():
+        if name.startswith("balancer"):
+            common.wait_balancer(proc)
     return procs, nginx, urls
 
 
@@ -207,13 +211,14 @@ def bench(args: argparse.Namespace) -> int:
     started = time.monotonic()
     common.use_source(args.src)
     common.require_tools("wrk", "haproxy", "nginx")
-    reps = args.reps or (1 if args.smoke else 3)
-    duration = float(max(1, round(args.duration or (1 if args.smoke else 3))))
+    reps = args.reps or (1 if args.smoke or args.quick else 3)
+    duration = float(max(1, round(args.duration or (1 if args.smoke else 2 if args.quick else 3))))
     connections = [int(c) for c in (args.connections or ("32" if args.smoke else "1,32,128")).split(",")]
     fronts = args.fronts.split(",") if args.fronts else common.balancer_fronts()
-    paths = common.results_paths(NAME, args.out, args.smoke)
+    paths = common.results_paths(NAME, args)
     params = {"reps": reps, "duration_s": duration, "connections": connections, "fronts": fronts or ["(only one)"],
-              "stub_workers": STUBS, "post_body_bytes": len(START_BODY), "wrk_threads": 1, "smoke": args.smoke}
+              "stub_workers": STUBS, "post_body_bytes": len(START_BODY), "wrk_threads": 1,
+              "smoke": args.smoke, "quick": args.quick}
     doc = common.document(NAME, TITLE, params, started)
     print(f"{TITLE}: {params}")
 
