@@ -417,6 +417,8 @@ class LeaderElector:
         self._lease: LeaseApi | None = None
         self._leading = False
         self._holder_logged: str | None = None
+        self.release_on_cancel = True
+        """Hand the Lease over when cancelled while leading (client-go's ``ReleaseOnCancel``)."""
         self.on_leading: list[Callable[[], None]] = []
         """Called (synchronously) each time this replica becomes the leader."""
         self.last_error = ""
@@ -460,7 +462,8 @@ class LeaderElector:
                 await self._step()
                 await self._sleep(self.election.next_delay(self._clock(), self._rng.random()))
         except asyncio.CancelledError:
-            await self._release()
+            if self.release_on_cancel:
+                await self._release()
             raise
         finally:
             client, self._api_client, self._lease = self._api_client, None, None

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import inspect
 import json
+import re
 import threading
 import time
 import uuid
@@ -32,6 +33,9 @@ from typing import Any
 from aiohttp import web
 
 TOKEN = "fake-token"
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
+"""What Go's ``time.Parse(RFC3339Micro, …)`` accepts for a ``MicroTime``: exactly six fraction digits."""
 
 
 def _selector_matches(labels: dict[str, str], selector: str) -> bool:
@@ -96,6 +100,9 @@ class FakeKube:
         self.hold = False  # True: record changes but tell no open watch (a lagging watch cache)
         self._runner: web.AppRunner | None = None
         self._streams: set[web.StreamResponse] = set()
+        self.leases: dict[tuple[str, str], dict[str, Any]] = {}  # coordination.k8s.io/v1, by (namespace, name)
+        self.lease_requests: list[dict[str, Any]] = []
+        self.lease_fail_status = 0  # answer every Lease request with this status (e.g. 503) while set
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -107,6 +114,8 @@ class FakeKube:
         """Listen (again) on ``self.port`` (a free port the first time)."""
         app = web.Application()
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self._pods)
+        app.router.add_route("*", LEASES, self._leases)
+        app.router.add_route("*", LEASES + "/{name}", self._lease)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -359,6 +368,134 @@ class FakeKube:
         finally:
             self.watchers.remove(watcher)
         return resp
+
+
+    # -- coordination.k8s.io/v1 leases ----------------------------------------------------------------
+    # As the API server: optimistic concurrency on metadata.resourceVersion (a stale PUT is 409
+    # Conflict, a PUT without one is unconditional), 404 for a missing Lease (no create on update),
+    # 409 AlreadyExists on a second POST, 201 on create, MicroTime and spec validation (400/422).
+
+    def lease(self, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        """The stored Lease (a copy), or None."""
+        found = self.leases.get((namespace or self.namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    def put_lease(self, name: str, spec: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
+        """Write a Lease directly (as another client would): a new version, returned."""
+        ns = namespace or self.namespace
+        old = self.leases.get((ns, name))
+        meta = copy.deepcopy(old["metadata"]) if old else {
+            "name": name, "namespace": ns, "uid": str(uuid.uuid4()),
+            "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.rv += 1
+        meta["resourceVersion"] = str(self.rv)
+        self.leases[(ns, name)] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
+                                   "spec": copy.deepcopy(spec)}
+        return copy.deepcopy(self.leases[(ns, name)])
+
+    def _lease_status(self, code: int, reason: str, message: str, name: str = "") -> web.Response:
+        body = status_object(code, reason, message)
+        if name:
+            body["details"] = {"name": name, "group": "coordination.k8s.io", "kind": "leases"}
+        return web.json_response(body, status=code)
+
+    async def _lease_gate(self, request: web.Request) -> web.Response | dict[str, Any] | None:
+        """Auth, failure injection and the body of a write; a response ends the request."""
+        name = request.match_info.get("name", "")
+        self.lease_requests.append({"method": request.method, "name": name,
+                                    "auth": request.headers.get("Authorization", "")})
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._error(401, "Unauthorized", "Unauthorized")
+        if self.fail_status or self.lease_fail_status:
+            return self._error(self.fail_status or self.lease_fail_status, "ServiceUnavailable",
+                               "the fake is failing on purpose")
+        if request.method not in ("POST", "PUT"):
+            return None
+        try:
+            body = json.loads(await request.read())
+        except ValueError as exc:
+            return self._error(400, "BadRequest", f"invalid JSON: {exc}")
+        if not isinstance(body, dict) or body.get("kind") != "Lease" or not isinstance(body.get("metadata"), dict):
+            return self._error(400, "BadRequest", "the body is not a coordination.k8s.io/v1 Lease")
+        meta, spec = body["metadata"], body.get("spec") or {}
+        if meta.get("namespace", request.match_info["ns"]) != request.match_info["ns"]:
+            return self._error(400, "BadRequest",
+                               "the namespace of the provided object does not match the namespace sent on the request")
+        for key in ("acquireTime", "renewTime"):
+            if spec.get(key) is not None and not MICRO_TIME.match(str(spec[key])):
+                return self._error(400, "BadRequest", f'Lease in version "v1" cannot be handled as a Lease: '
+                                                      f"parsing time {spec[key]!r} as RFC3339Micro")
+        problems = []
+        if spec.get("leaseDurationSeconds") is not None and not (
+                isinstance(spec["leaseDurationSeconds"], int) and spec["leaseDurationSeconds"] > 0):
+            problems.append("spec.leaseDurationSeconds: Invalid value: must be greater than 0")
+        if spec.get("leaseTransitions") is not None and not (
+                isinstance(spec["leaseTransitions"], int) and spec["leaseTransitions"] >= 0):
+            problems.append("spec.leaseTransitions: Invalid value: must be greater than or equal to 0")
+        if problems:
+            return self._lease_status(422, "Invalid", f'Lease.coordination.k8s.io "{meta.get("name", "")}" is '
+                                                      f"invalid: {', '.join(problems)}", str(meta.get("name", "")))
+        return body
+
+    async def _leases(self, request: web.Request) -> web.Response:
+        """``GET`` (LeaseList) and ``POST`` (create) on the collection."""
+        gate = await self._lease_gate(request)
+        if isinstance(gate, web.Response):
+            return gate
+        ns = request.match_info["ns"]
+        if request.method == "GET":
+            items = [copy.deepcopy(v) for (n, _), v in sorted(self.leases.items()) if n == ns]
+            return web.json_response({"kind": "LeaseList", "apiVersion": "coordination.k8s.io/v1",
+                                      "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+        if request.method != "POST" or gate is None:
+            return self._error(405, "MethodNotAllowed", f"{request.method} is not supported here")
+        name = str(gate["metadata"].get("name") or "")
+        if not name:
+            return self._lease_status(422, "Invalid", "Lease.coordination.k8s.io is invalid: metadata.name: "
+                                                      "Required value: name or generateName is required")
+        if gate["metadata"].get("resourceVersion"):
+            return self._error(400, "BadRequest", "resourceVersion should not be set on objects to be created")
+        if (ns, name) in self.leases:
+            return self._lease_status(409, "AlreadyExists", f'leases.coordination.k8s.io "{name}" already exists',
+                                      name)
+        created = self.put_lease(name, gate.get("spec") or {}, ns)
+        self.leases[(ns, name)]["metadata"].update(
+            {k: v for k, v in gate["metadata"].items() if k in ("labels", "annotations")})
+        created["metadata"].update(self.leases[(ns, name)]["metadata"])
+        return web.json_response(created, status=201)
+
+    async def _lease(self, request: web.Request) -> web.Response:
+        """``GET`` and ``PUT`` (replace) on one Lease."""
+        gate = await self._lease_gate(request)
+        if isinstance(gate, web.Response):
+            return gate
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        stored = self.leases.get((ns, name))
+        if request.method not in ("GET", "PUT"):
+            return self._error(405, "MethodNotAllowed", f"{request.method} is not supported here")
+        if stored is None:
+            return self._lease_status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found', name)
+        if request.method == "GET":
+            return web.json_response(copy.deepcopy(stored))
+        assert gate is not None
+        meta = gate["metadata"]
+        if meta.get("name") != name:
+            return self._error(400, "BadRequest", f"the name of the object ({meta.get('name')}) does not match "
+                                                  f"the name on the URL ({name})")
+        version = meta.get("resourceVersion")
+        if version and version != stored["metadata"]["resourceVersion"]:
+            return self._lease_status(
+                409, "Conflict", f'Operation cannot be fulfilled on leases.coordination.k8s.io "{name}": the object '
+                                 "has been modified; please apply your changes to the latest version and try again",
+                name)
+        updated = self.put_lease(name, gate.get("spec") or {}, ns)
+        for key in ("labels", "annotations"):
+            if key in meta:
+                self.leases[(ns, name)]["metadata"][key] = copy.deepcopy(meta[key])
+            else:
+                self.leases[(ns, name)]["metadata"].pop(key, None)
+        updated["metadata"] = copy.deepcopy(self.leases[(ns, name)]["metadata"])
+        return web.json_response(updated)
 
 
 class FakeKubeThread:
