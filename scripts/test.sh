@@ -4,9 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests start for real: an MQTT broker, curl, and the benchmark smoke's
+# load generator, HAProxy (the seed's set-up) and nginx (stub workers).
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+for tool in curl wrk; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
