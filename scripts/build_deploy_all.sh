@@ -12,7 +12,9 @@
 #   KUBECTL         the kubectl command (default "microk8s kubectl")
 #   DEVICE_PLUGINS  true/false: deploy node-feature-discovery and the Intel GPU device plugin
 #                   if the cluster has none (default: true for real, false for simulated)
-#   INTEL_DEVICE_PLUGINS_VERSION  intel-device-plugins-for-kubernetes release for both (default v0.34.0)
+#   NFD_VERSION     node-feature-discovery release (default v0.17.3)
+#   INTEL_DEVICE_PLUGINS_VERSION  intel-device-plugins-for-kubernetes release: GPU plugin and
+#                   node labelling rules (default v0.34.0)
 #   ROLLOUT_TIMEOUT how long to wait for each workload (default 600s: the real worker image is large)
 #   LEADER_IP       address shown in the example requests (default: this host's first address)
 set -euo pipefail
@@ -54,7 +56,10 @@ record_get() {
   kc -n "$NS" get configmap "$RECORD" --ignore-not-found -o "jsonpath={.data.$1}" 2>/dev/null || true
 }
 
-nfd_url() { echo "$INTEL_REPO/deployments/nfd?ref=$1"; }
+# node-feature-discovery itself from upstream, as the seed did: its default configuration labels
+# PCI devices (feature.node.kubernetes.io/pci-0300_8086.present), which the worker DaemonSets use;
+# Intel's own NFD deployment turns those labels off. Intel's rules add the label the GPU plugin uses.
+nfd_url() { echo "https://github.com/kubernetes-sigs/node-feature-discovery/deployment/overlays/default?ref=$1"; }
 nfd_rules_url() { echo "$INTEL_REPO/deployments/nfd/overlays/node-feature-rules?ref=$1"; }
 
 # A kustomization in directory $1 for the Intel GPU plugin of release $2, in our namespace as in the seed.
@@ -72,8 +77,10 @@ YAML
 
 BALANCER_IMAGE=localhost:32000/pipeline-balancer  # image names in k8s/
 PIPELINE_SERVER_IMAGE=intel/dlstreamer-pipeline-server
+NFD_VERSION=${NFD_VERSION:-v0.17.3}
 INTEL_DEVICE_PLUGINS_VERSION=${INTEL_DEVICE_PLUGINS_VERSION:-v0.34.0}
 NFD_CRD=nodefeaturerules.nfd.k8s-sigs.io  # node-feature-discovery is there when this is
+INTEL_RULES=nodefeaturerules.nfd.k8s-sigs.io/intel-dp-devices
 
 check_image_ref() {
   [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._/:@-]*$ ]] || die "not an image reference: '$1'"
@@ -125,7 +132,9 @@ else
   repo="$REGISTRY/pipeline-balancer"
   tag=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo dev)
   echo "Building $repo:$tag"
-  docker build --build-arg http_proxy --build-arg https_proxy --build-arg no_proxy -t "$repo:$tag" "$ROOT"
+  # BuildKit: the Dockerfile bind-mounts the builder's wheels (RUN --mount).
+  DOCKER_BUILDKIT=1 docker build --build-arg http_proxy --build-arg https_proxy --build-arg no_proxy \
+    -t "$repo:$tag" "$ROOT"
   echo "Pushing $repo:$tag"
   docker push "$repo:$tag" \
     || die "could not push to $REGISTRY: enable MicroK8s' registry (microk8s enable registry) or set REGISTRY"
@@ -145,20 +154,28 @@ for var in http_proxy https_proxy no_proxy; do
 done
 kc -n "$NS" create configmap proxy-config ${proxy[@]+"${proxy[@]}"} --dry-run=client -o yaml | kc apply -f -
 
-# 3. node-feature-discovery and the Intel GPU device plugin, each only if the cluster has
-#    none (or this script installed it before). The record tells undeploy_all.sh what to remove.
+# 3. node-feature-discovery, Intel's node labelling rules and the Intel GPU device plugin, each
+#    only if the cluster has none (or this script installed it before). The record tells
+#    undeploy_all.sh what to remove.
 nfd=$(record_get nfd)
+nfd_rules=$(record_get nfd_rules)
 gpu_plugin=$(record_get gpu_plugin)
 if [[ $DEVICE_PLUGINS == true ]]; then
   version=$INTEL_DEVICE_PLUGINS_VERSION
   if [[ -n $nfd ]] || ! kc get crd "$NFD_CRD" >/dev/null 2>&1; then
-    echo "Deploying node-feature-discovery and its Intel rules ($version)"
-    kc apply -k "$(nfd_url "$version")"
+    echo "Deploying node-feature-discovery ($NFD_VERSION)"
+    kc apply -k "$(nfd_url "$NFD_VERSION")"
     kc -n node-feature-discovery rollout status deployment/nfd-master --timeout="$ROLLOUT_TIMEOUT"
-    kc apply -k "$(nfd_rules_url "$version")"
-    nfd=$version
+    nfd=$NFD_VERSION
   else
     echo "node-feature-discovery is already deployed: using it as it is"
+  fi
+  if [[ -n $nfd_rules ]] || ! kc get "$INTEL_RULES" >/dev/null 2>&1; then
+    echo "Deploying Intel's node labelling rules ($version)"
+    kc apply -k "$(nfd_rules_url "$version")"
+    nfd_rules=$version
+  else
+    echo "Intel's node labelling rules are already deployed: using them as they are"
   fi
   if [[ -n $gpu_plugin ]] || [[ -z $(kc get daemonsets --all-namespaces -l app=intel-gpu-plugin -o name) ]]; then
     echo "Deploying the Intel GPU device plugin ($version)"
@@ -171,7 +188,8 @@ if [[ $DEVICE_PLUGINS == true ]]; then
   fi
 fi
 kc -n "$NS" create configmap "$RECORD" --from-literal=overlay="$OVERLAY" --from-literal=image="$image" \
-  --from-literal=nfd="$nfd" --from-literal=gpu_plugin="$gpu_plugin" --dry-run=client -o yaml \
+  --from-literal=nfd="$nfd" --from-literal=nfd_rules="$nfd_rules" --from-literal=gpu_plugin="$gpu_plugin" \
+  --dry-run=client -o yaml \
   | kc apply -f -
 
 # 4. MQTT, the workers and the balancer: the overlay, with the chosen images.

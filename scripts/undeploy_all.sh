@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Remove what scripts/build_deploy_all.sh deployed: the namespace pipeline-server
-# with MQTT, the workers and the balancer; node-feature-discovery and the Intel GPU
-# device plugin only if build_deploy_all.sh installed them (its record says so).
+# with MQTT, the workers and the balancer; node-feature-discovery, Intel's node
+# labelling rules and the Intel GPU device plugin only if build_deploy_all.sh
+# installed them (its record says so).
 # Safe to run again, and when nothing is deployed.
 #
 # Settings (environment variables):
@@ -46,7 +47,10 @@ record_get() {
   kc -n "$NS" get configmap "$RECORD" --ignore-not-found -o "jsonpath={.data.$1}" 2>/dev/null || true
 }
 
-nfd_url() { echo "$INTEL_REPO/deployments/nfd?ref=$1"; }
+# node-feature-discovery itself from upstream, as the seed did: its default configuration labels
+# PCI devices (feature.node.kubernetes.io/pci-0300_8086.present), which the worker DaemonSets use;
+# Intel's own NFD deployment turns those labels off. Intel's rules add the label the GPU plugin uses.
+nfd_url() { echo "https://github.com/kubernetes-sigs/node-feature-discovery/deployment/overlays/default?ref=$1"; }
 nfd_rules_url() { echo "$INTEL_REPO/deployments/nfd/overlays/node-feature-rules?ref=$1"; }
 
 # A kustomization in directory $1 for the Intel GPU plugin of release $2, in our namespace as in the seed.
@@ -70,6 +74,7 @@ trap 'rm -rf "$work"' EXIT
 recorded_overlay=$(record_get overlay)
 overlay=$(overlay_dir "${recorded_overlay:-${OVERLAY:-real}}")
 nfd=$(record_get nfd)
+nfd_rules=$(record_get nfd_rules)
 gpu_plugin=$(record_get gpu_plugin)
 
 if [[ -n $gpu_plugin ]]; then
@@ -81,9 +86,12 @@ fi
 echo "Removing MQTT, the workers, the balancer and namespace $NS"
 kc delete -k "$overlay" --ignore-not-found
 
+if [[ -n $nfd_rules ]]; then
+  echo "Removing Intel's node labelling rules ($nfd_rules)"
+  kc delete -k "$(nfd_rules_url "$nfd_rules")" --ignore-not-found
+fi
 if [[ -n $nfd ]]; then
-  echo "Removing node-feature-discovery and its Intel rules ($nfd)"
-  kc delete -k "$(nfd_rules_url "$nfd")" --ignore-not-found
+  echo "Removing node-feature-discovery ($nfd)"
   kc delete -k "$(nfd_url "$nfd")" --ignore-not-found
 fi
 
