@@ -80,10 +80,13 @@ class Dispatcher:
         must not make the balancer ask every worker each time."""
         self.rejection_listeners: list[Callable[[dict[str, Any]], None]] = []
         """Called with the 503 body of every refused start (MQTT events); must not block."""
+        self.gate: Callable[[], Response | None] | None = None
+        """When set and answering, every proxied request gets that answer instead (an HA standby replica)."""
 
     async def handle(self, req: ClientRequest) -> Response:
         route = classify(req.method, req.path_qs.split("?", 1)[0])
-        resp = await self._route(route, req)
+        refused = self.gate() if self.gate is not None else None
+        resp = refused if refused is not None else await self._route(route, req)
         method = req.method if req.method in KNOWN_METHODS else "OTHER"
         self.metrics.requests.labels(route.kind, method, str(resp.status)).inc()
         return resp

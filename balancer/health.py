@@ -41,6 +41,9 @@ class HealthPoller:
         self.timeout = timeout
         self.clock = clock
         self._wake = asyncio.Event()
+        self.rounds_started = 0
+        self.rounds_done = 0
+        """Rounds of polls begun and finished: a replica taking over (HA) waits for a round it saw begin."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -55,9 +58,11 @@ class HealthPoller:
                 await asyncio.wait_for(self._wake.wait(), timeout=pause)
 
     async def poll_all(self) -> None:
+        self.rounds_started += 1
         # a pod with no IP yet has no URL: nothing to poll, discovery already says why it has no room
         await asyncio.gather(*(self.poll(w) for w in self.pool.workers() if w.spec.url))
         self.pool.refresh_states()
+        self.rounds_done += 1
 
     async def poll(self, worker: Worker) -> None:
         """One poll; every outcome ends in ``pool.observe`` or ``pool.failed``, never in an exception."""

@@ -69,6 +69,20 @@ class PoolCollector(Collector):
         )
 
 
+class LeaderCollector(Collector):
+    """Leader election (HA) gauges, read from the elector's state at scrape time."""
+
+    def __init__(self, ha_state: Callable[[], dict[str, Any]]):
+        self._ha_state = ha_state
+
+    def collect(self) -> Iterator[Metric]:
+        ha = self._ha_state()
+        yield GaugeMetricFamily("pipeline_balancer_leader", "1 while this replica holds the lease (HA)",
+                                value=1 if ha.get("is_leader") else 0)
+        yield CounterMetricFamily("pipeline_balancer_leader_transitions",
+                                  "Times this replica became the leader", value=ha.get("terms", 0))
+
+
 class Metrics:
     """One registry per server, so tests and embedded servers never share counters."""
 

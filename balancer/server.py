@@ -19,13 +19,14 @@ from balancer.app import build_admin_app, build_app
 from balancer.config import Config, parse_fallback, split_host_port
 from balancer.discovery import make_discovery
 from balancer.discovery.base import Discovery
-from balancer.dispatch import Dispatcher
+from balancer.dispatch import Dispatcher, json_response
 from balancer.events import EventPublisher
 from balancer.health import HealthPoller
+from balancer.leader import LeaderElector
 from balancer.logs import event, setup_logging
-from balancer.metrics import Metrics
+from balancer.metrics import LeaderCollector, Metrics
 from balancer.pool import WorkerPool
-from balancer.proxy import AiohttpUpstream, Upstream
+from balancer.proxy import AiohttpUpstream, Response, Upstream
 
 log = logging.getLogger("balancer.server")
 
@@ -61,6 +62,15 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._runners: list[web.AppRunner] = []
         self.poller: HealthPoller | None = None
+        self.elector: LeaderElector | None = None
+        self._takeover_round = 0
+        if config.ha.enabled:
+            from balancer.discovery.kubernetes import resolve_namespace
+
+            self.elector = LeaderElector(config.ha, resolve_namespace(config.discovery.namespace),
+                                         config.discovery.kubeconfig)
+            self.elector.on_leading.append(self._took_over)
+            self.metrics.registry.register(LeaderCollector(self.ha_state))
 
     # ---- state for the admin routes ------------------------------------------------------
     def backends(self) -> dict[str, Any]:
@@ -68,6 +78,7 @@ class Server:
         return {
             **self.pool.to_dict(),
             "discovery": self.discovery.to_dict(),
+            "ha": self.ha_state(),
             "limits": {"max_running_pipelines": a.max_running_pipelines, "target_fps": a.target_fps,
                        "warmup": a.warmup, "predictive": a.predictive, "strategy": a.strategy,
                        "device_fallback": a.fallback},
@@ -79,7 +90,53 @@ class Server:
             return False, "shutting down"
         if not self.discovery.synced:
             return False, "discovery has not synced yet"
+        standby = self.standby_reason()
+        if standby is not None:
+            return False, standby
         return True, ""
+
+    # ---- active-passive HA (docs/ha.md) ---------------------------------------------------------
+    def standby_reason(self) -> str | None:
+        """Why this replica must not serve pipeline routes now, or None: it is not HA, or it leads.
+
+        A new leader also waits for one round of polls begun after it took the lease, so its
+        admission counts every pipeline the previous leader started (owners come with them).
+        """
+        if self.elector is None:
+            return None
+        if not self.elector.is_leader():
+            holder = self.elector.holder
+            if holder and holder != self.elector.identity:
+                return f"standby: lease held by {holder}"
+            if holder:
+                return "standby: lease not renewed in time (is the API server reachable?)"
+            return "standby: no leader yet"
+        if self.poller is None or self.poller.rounds_done <= self._takeover_round:
+            return "taking over: polling every worker first"
+        return None
+
+    def _standby_answer(self) -> Response | None:
+        """The 503 a standby gives pipeline routes: two replicas admitting at once would break exact admission."""
+        reason = self.standby_reason()
+        if reason is None or self.elector is None:
+            return None
+        return json_response(
+            503, {"error": "standby replica", "leader": self.elector.holder or None,
+                  "replica": self.elector.identity, "reason": reason},
+            [("Retry-After", str(self.config.admission.retry_after))],
+        )
+
+    def _took_over(self) -> None:
+        self._takeover_round = self.poller.rounds_started if self.poller is not None else 0
+        if self.poller is not None:
+            self.poller.wake()
+        event(log, "leader: this replica took the lease", identity=self.elector.identity if self.elector else "")
+
+    def ha_state(self) -> dict[str, Any]:
+        if self.elector is None:
+            return {"enabled": False}
+        reason = self.standby_reason()
+        return {**self.elector.to_dict(), "serving": reason is None, "reason": reason or ""}
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,6 +151,9 @@ class Server:
         token = self._read_token()
         self._spawn("discovery", lambda: self.discovery.run(self.pool))
         self._spawn("health", self.poller.run)
+        if self.elector is not None:
+            dispatcher.gate = self._standby_answer
+            self._spawn("leader election", self.elector.run)  # cancelled in stop(): releases the lease
         if self.events is not None:
             dispatcher.rejection_listeners.append(self.events.on_rejection)
             self._spawn("mqtt", self.events.run)
