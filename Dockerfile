@@ -7,7 +7,7 @@
 # final stage installs only those wheels (no index, no compiler, no pip cache,
 # no wheel files left behind: they come in through a bind mount).
 # tests/test_deploy.py replays the pip steps below in a fresh venv and starts the
-# default command from it: keep every pip step a plain `python -m pip ...` RUN.
+# default command from it: keep each pip step a plain `python -m pip ...` command.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
@@ -27,8 +27,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+# pip, setuptools and wheel go too: nothing installs anything at run time.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python -m pip install --no-cache-dir --no-index --find-links /wheels /wheels/pipeline_balancer-*.whl
+    python -m pip install --no-cache-dir --no-index --find-links /wheels /wheels/pipeline_balancer-*.whl \
+    && python -m pip uninstall --yes pip setuptools wheel
 RUN groupadd --system --gid 10001 balancer \
     && useradd --system --no-log-init --uid 10001 --gid 10001 \
        --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin balancer

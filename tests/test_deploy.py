@@ -723,11 +723,16 @@ class _DockerReplay:
             opts = dict(kv.split("=", 1) for kv in flag.split("=", 1)[1].split(","))
             assert flag.startswith("--mount=") and opts.get("type") == "bind", f"RUN {flag}: not replayed"
             mounts[opts["target"]] = self.roots[opts["from"]] / opts["source"].lstrip("/")
-        if all(self.ALLOWED.match(part.strip()) for part in rest.split("&&")):
+        for part in rest.split("&&"):
+            self.run_command(root, part.strip(), workdir, env, mounts)
+
+    def run_command(self, root: Path, command_line: str, workdir: str, env: dict[str, str],
+                    mounts: dict[str, Path]) -> None:
+        if self.ALLOWED.match(command_line):
             return  # creates the user: nothing to do with what gets installed
-        argv = shlex.split(rest)
-        assert argv[:3] == ["python", "-m", "pip"] and not set(argv) & {"&&", ";", "|"}, (
-            f"RUN {rest}: the test replays only plain `python -m pip` steps; extend _DockerReplay")
+        argv = shlex.split(command_line)
+        assert argv[:3] == ["python", "-m", "pip"] and not set(argv) & {";", "|", "||"}, (
+            f"RUN {command_line}: the test replays only `python -m pip` commands; extend _DockerReplay")
         # The image's `python -m pip`, run by this Python's pip into the venv (no pip in the venv: faster).
         command = [sys.executable, "-m", "pip", "--python", self.python]
         for arg in argv[3:]:
@@ -736,7 +741,7 @@ class _DockerReplay:
             if arg.startswith("/"):
                 path = str(self.host(root, arg, workdir, mounts))
                 matches = glob.glob(path) if "*" in path else [path]
-                assert matches, f"RUN {rest}: {arg} matches nothing"
+                assert matches, f"RUN {command_line}: {arg} matches nothing"
                 command += matches
             else:
                 command.append(arg)
