@@ -16,8 +16,9 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from scripts.bench.common import REPO, RESULTS
+from scripts.bench.common import REPO, RESULTS, fmt, table
 
 NAMES = ("proxy", "burst", "density", "merged_status")
 
@@ -37,6 +38,56 @@ def section(name: str, doc_path: Path) -> str | None:
             f"`{doc['command']}`.\n\n{md_path.read_text().strip()}\n\n![{doc['title']}]({image.as_posix()})")
 
 
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name / "latest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def target_rows() -> list[list[str]]:
+    """One row per target of the issue: what was measured and whether it is met (reported, never asserted)."""
+    rows: list[list[str]] = []
+    proxy = _load("proxy")
+    if proxy:
+        for r in proxy["summary"]["ratios"]:
+            request = "POST start" if r["request"] == "post" else "GET status"
+            if r["connections"] == 1:
+                measured = f"added p50 ratio {fmt(r['added_p50'])} (p50 ratio {fmt(r['p50'])})"
+            else:
+                measured = f"req/s ratio {fmt(r['rps'])}, p99 ratio {fmt(r['p99'])}"
+            rows.append([f"proxy, {request}, {r['connections']} conn, {r['config']}", r["target"], measured,
+                         "yes" if r["met"] else "**no**"])
+    burst = _load("burst")
+    if burst:
+        for r in burst["summary"]:
+            if r["config"] == "haproxy":
+                continue
+            met = r["exact_runs"] == r["runs"]
+            rows.append([f"burst {r['burst']}, {r['config']}", f"overshoot 0, admitted {r['expected_admitted']}",
+                         f"admitted {fmt(r['admitted'], 0)}, overshoot {fmt(r['overshoot'], 0)} "
+                         f"(exact in {r['exact_runs']}/{r['runs']} runs)", "yes" if met else "**no**"])
+    density = _load("density")
+    if density:
+        for r in density["summary"]:
+            if r["config"] == "haproxy":
+                continue
+            met = r["met_runs"] == r["runs"]
+            rows.append([f"density, {r['config']}", f"admitted {r['theoretical']}, 0 below target",
+                         f"admitted {fmt(r['admitted'], 0)}, below target {fmt(r['below_target'], 0)} "
+                         f"(met in {r['met_runs']}/{r['runs']} runs)", "yes" if met else "**no**"])
+    merged = _load("merged_status")
+    if merged:
+        for r in merged["summary"]:
+            if r["config"] == "balancer-50" and r["connections"] == 1:
+                limit = merged["targets"]["p50_ms_50x20_max"]
+                rows.append(["merged status, 50 workers x 20, 1 conn", f"p50 <= {limit:g} ms",
+                             f"p50 {fmt(r['p50_ms'])} ms", "yes" if r["p50_ms"] <= limit else "**no**"])
+        rss = merged["rss"]
+        limit = merged["targets"]["rss_mb_100_workers_max"]
+        rows.append([f"balancer RSS, {rss['workers']} workers known", f"<= {limit:g} MB",
+                     f"peak {fmt(rss['peak_rss_mb'], 1)} MB", "yes" if rss["peak_rss_mb"] <= limit else "**no**"])
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m scripts.bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: no <!-- bench:{name} --> markers in {args.doc}", file=sys.stderr)
             return 1
         text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+    rows = target_rows()
+    if rows:
+        body = table(["target", "wanted", "measured (medians)", "met"], rows)
+        text = re.sub(r"(<!-- bench:targets -->\n).*?(\n<!-- /bench:targets -->)",
+                      lambda m: m.group(1) + body + m.group(2), text, flags=re.DOTALL)
     args.doc.write_text(text)
     print(f"updated {args.doc}")
     return 0
