@@ -70,7 +70,7 @@ def room(worker: Worker, limits: Limits, now: float) -> Room:
             if inst.state == "RUNNING" and warmed and inst.fps() <= limits.target_fps:
                 return Room(FULL, f"instance {inst.id} at {inst.fps():.1f} fps <= TARGET_FPS {limits.target_fps:g}")
         if limits.predictive:
-            est = worker.estimate(limits.warmup)
+            est = worker.estimate()
             if est is not None and est.predicted_fps <= limits.target_fps:
                 return Room(
                     FULL,
@@ -97,10 +97,10 @@ class Choice:
     """The device pool tried after the requested one was full (``DEVICE_FALLBACK``), if any."""
 
 
-def headroom(worker: Worker, limits: Limits) -> tuple[int, float]:
+def headroom(worker: Worker) -> tuple[int, float]:
     """``most-headroom``'s ranking, highest first: an idle worker (a new stream gets all of it), then
     workers by the fps a new stream would get there, then unmeasured busy workers by fewest pipelines."""
-    est = worker.estimate(limits.warmup)
+    est = worker.estimate()
     if est is not None:
         return (1, est.predicted_fps)
     if worker.load == 0:
@@ -139,7 +139,7 @@ def choose(
             continue
         if strategy == ROUND_ROBIN:
             return Choice(worker, index, passed)
-        rank = (-float(worker.load), 0.0) if strategy == LEAST_PIPELINES else headroom(worker, limits)
+        rank = (-float(worker.load), 0.0) if strategy == LEAST_PIPELINES else headroom(worker)
         if best is None or rank > best[0]:
             best = (rank, index, worker)
     if best is None:

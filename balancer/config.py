@@ -213,9 +213,10 @@ class AdmissionSettings:
     """Seconds a started instance may stay missing from its worker's status list before its
     reservation is dropped (so a worker that forgets a start cannot leak a slot)."""
 
-    predictive: bool = setting(True, "PREDICTIVE_ADMISSION")
-    """With TARGET_FPS > 0: refuse a start that would push a worker's streams to TARGET_FPS or below,
-    predicted from its measured capacity (n streams at f fps: n*f/(n+1)), before they get there."""
+    predictive: bool = setting(False, "PREDICTIVE_ADMISSION")
+    """With TARGET_FPS > 0: also refuse a start that would push a worker's streams to TARGET_FPS or
+    below, predicted from its measured capacity (n streams at f fps: n*f/(n+1)), before they get there.
+    Off: the seed's rule alone (a worker is full once a stream is at or below TARGET_FPS)."""
 
     strategy: str = setting("round-robin", "STRATEGY", one_of(*STRATEGIES))
     """Which worker with room takes a start: ``round-robin`` (the seed's), ``least-pipelines``

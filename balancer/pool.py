@@ -115,7 +115,7 @@ class WorkerPool:
         workers = []
         for worker in self._workers.values():
             verdict = room(worker, self.limits, now)
-            workers.append(worker.to_dict(now, verdict.state, verdict.reason, worker.estimate(self.limits.warmup)))
+            workers.append(worker.to_dict(now, verdict.state, verdict.reason, worker.estimate()))
         return {"workers": workers, "instances_known": len(self._owners)}
 
     # ---- admission ----------------------------------------------------------------------
@@ -178,7 +178,7 @@ class WorkerPool:
         """A good poll of ``worker``: take in its instances and learn who owns them."""
         if self._workers.get(worker.key) is not worker:
             return  # removed while the poll was on its way
-        lost = worker.observe(entries, self.clock(), self.pending_timeout, self.limits.warmup)
+        lost = worker.observe(entries, self.clock(), self.pending_timeout)
         for instance_id in lost:
             log.warning("start %s never appeared in %s's status list; slot released", instance_id, worker.name)
         for entry in entries:

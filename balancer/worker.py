@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,11 +16,10 @@ MIN_SAMPLE_GAP = 0.2
 
 CAPACITY_WINDOW = 10.0
 """Seconds of polls one capacity measurement spans at most: long enough to average out rate noise
-and whole-frame rounding (0.25 s at 30 fps is 7 frames), short enough to follow a worker that slows."""
+and whole-frame rounding, short enough to follow a worker whose capacity changes."""
 
-CAPACITY_MEMORY = 20.0
-"""Seconds over which earlier measurements fade (exponentially) when combined with the current one:
-a window cut short by the next start is noisy, and the worker's capacity did not change with it."""
+CAPACITY_MIN_WINDOW = 0.5
+"""Seconds a capacity measurement spans at least (whole-frame counts make shorter ones coarse)."""
 
 
 @dataclass
@@ -55,24 +53,16 @@ class Instance:
 
 @dataclass(frozen=True)
 class Capacity:
-    """What a worker delivered in total while a set of streams ran unchanged on it."""
+    """Frames per second a saturated worker delivered in total over a window of polls."""
 
     fps: float
-    """Sum of the streams' frame rates over the window: the worker's capacity if it was saturated."""
+    """All its instances' frames in the window, divided by the window's length."""
     streams: int
-    """How many streams were running."""
+    """RUNNING streams at the end of the window."""
     at: float
     """Clock time of the measurement."""
-    weight: float = 0.0
-    """Seconds of measurement behind ``fps`` (earlier ones faded by ``CAPACITY_MEMORY``)."""
-
-
-def combine(prior: Capacity | None, fps: float, window: float, streams: int, now: float) -> Capacity:
-    """A new window's figure averaged with what earlier windows said, weighted by their seconds."""
-    if prior is None:
-        return Capacity(fps, streams, now, window)
-    weight = prior.weight * math.exp(-(now - prior.at) / CAPACITY_MEMORY)
-    return Capacity((prior.fps * weight + fps * window) / (weight + window), streams, now, weight + window)
+    window: float
+    """Seconds the measurement spans."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +82,11 @@ class _Sample:
 
     at: float
     streams: dict[str, tuple[float, float]]
+
+
+def _frames(entry: StatusEntry) -> float:
+    """Frames an instance has processed (0 while QUEUED)."""
+    return entry.frames or 0.0
 
 
 @dataclass
@@ -142,9 +137,7 @@ class Worker:
     """The last capacity measurement; kept across changes of the stream set (the worker's capacity
     does not change when a stream starts, but a window spanning the change would mis-measure it)."""
     _samples: deque[_Sample] = field(default_factory=deque, repr=False)
-    """Polls since the set of RUNNING streams last changed, at most ``CAPACITY_WINDOW`` apart."""
-    _prior: Capacity | None = field(default=None, repr=False)
-    """``capacity`` as it stood when the stream set last changed: earlier windows' figure."""
+    """The RUNNING streams of the polls of the last ``CAPACITY_WINDOW`` seconds."""
 
     @property
     def key(self) -> str:
@@ -167,9 +160,7 @@ class Worker:
         """Active instances plus starts not yet seen: what admission counts against the limit."""
         return self.active + self.reserved
 
-    def observe(
-        self, entries: list[StatusEntry], now: float, pending_timeout: float, warmup: float = 0.0
-    ) -> list[str]:
+    def observe(self, entries: list[StatusEntry], now: float, pending_timeout: float) -> list[str]:
         """Take in a good poll. Returns the reservations' ids that were dropped as lost."""
         seen = {e.id for e in entries}
         self.instances = {
@@ -177,7 +168,7 @@ class Worker:
         }
         for instance in self.instances.values():
             instance.live = instance.id in self.live
-        self._measure(entries, now, warmup)
+        self._measure(entries, now)
         self.macs.update(m for m in (mac_suffix(e.id) for e in entries) if m)
         self.total_listed = len(entries)
         lost = []
@@ -195,53 +186,51 @@ class Worker:
         self.polls += 1
         return lost
 
-    def _measure(self, entries: list[StatusEntry], now: float, warmup: float) -> None:
-        """Measure the worker's capacity over the polls since its set of RUNNING streams last changed.
+    def _measure(self, entries: list[StatusEntry], now: float) -> None:
+        """Measure the worker's capacity: every frame its instances made over the last polls, per second.
 
-        Only such a window is clean: when a stream starts or stops every rate changes, and a window
-        spanning that moment would mix two regimes. The measurement starts at the first poll where a
-        non-live stream is past its warm-up (before that, a pipeline loading its model shows a rate
-        far below what the worker can do), and it sums every running stream, warm or not.
+        Counting every frame, not each stream's rate, keeps the figure right while streams start and
+        stop in the window: a saturated worker's total does not change when its streams' shares do.
+        Saturated means a file (non-live) stream ran through the whole window, and was past its start
+        (had made a frame) when the window began: a pipeline still loading its model shows nothing
+        of the worker's capacity. Streams that start and end inside the window are missed (the figure
+        can only be low). The reference stream's own elapsed time gives the window's length on the
+        worker's clock.
         """
         running = {
-            e.id: (e.avg_fps * e.elapsed_time, e.elapsed_time)
+            e.id: (_frames(e), e.elapsed_time)
             for e in entries if e.state == "RUNNING" and e.elapsed_time is not None
         }
-        if not self._samples or self._samples[-1].streams.keys() != running.keys():
-            self._samples.clear()
-            self._prior = self.capacity
         self._samples.append(_Sample(now, running))
         while len(self._samples) > 2 and self._samples[1].at <= now - CAPACITY_WINDOW:
             self._samples.popleft()
         last = self._samples[-1]
-        base = next(
-            (s for s in list(self._samples)[:-1]
-             if any(e >= warmup and i not in self.live for i, (_, e) in s.streams.items())),
-            None,
-        )
-        if base is None:
+        for base in list(self._samples)[:-1]:
+            flowing = [i for i, (f, _) in base.streams.items() if f >= 1 and i in last.streams and i not in self.live]
+            if flowing:
+                break
+        else:
             return
-        total, window = 0.0, math.inf
-        for instance_id, (frames, elapsed) in last.streams.items():
-            base_frames, base_elapsed = base.streams[instance_id]
-            gap = elapsed - base_elapsed
-            if gap < MIN_SAMPLE_GAP:
-                return
-            total += max(0.0, (frames - base_frames) / gap)
-            window = min(window, gap)
-        self.capacity = combine(self._prior, total, window, len(running), now)
+        window = max(last.streams[i][1] - base.streams[i][1] for i in flowing)
+        if window < CAPACITY_MIN_WINDOW:
+            return
+        now_frames = {e.id: _frames(e) for e in entries}
+        made = sum(now_frames.get(i, f) - f for i, (f, _) in base.streams.items())
+        made += sum(now_frames[i] for i in running if i not in base.streams)
+        self.capacity = Capacity(max(0.0, made) / window, len(running), now, window)
 
-    def estimate(self, warmup: float) -> Estimate | None:
+    def estimate(self) -> Estimate | None:
         """Capacity and the fps one more start would leave each stream, or None when unknown.
 
-        Unknown: never measured, or no warmed-up non-live stream runs now (an idle worker, or one
-        with only live streams, gives no sign of where its limit is). The next start, the queued
-        instances and the starts in flight are assumed to take a full share each (not live).
+        Unknown: never measured, or no warmed-up non-live stream (one that has made frames) runs
+        now: an idle worker, or one with only live streams, gives no sign of where its limit is.
+        The next start, the queued instances and the starts in flight are assumed to take a full
+        share each (as file sources do).
         """
         if self.capacity is None:
             return None
         running = [i for i in self.instances.values() if i.state == "RUNNING"]
-        if not any(not i.live and (i.elapsed_time or 0.0) >= warmup for i in running):
+        if not any(not i.live and i.avg_fps > 0 for i in running):
             return None
         live_fps = sum(i.fps() for i in running if i.live)
         sharing = sum(1 for i in running if not i.live) + (self.active - len(running)) + self.reserved
@@ -256,7 +245,7 @@ class Worker:
     def to_dict(self, now: float, state: str, reason: str, estimate: Estimate | None = None) -> dict[str, Any]:
         """The one description of this worker: ``/backends``, logs and tests all use it.
 
-        ``estimate`` is :meth:`estimate` for the pool's warm-up (the caller knows the limits).
+        ``estimate`` is :meth:`estimate`, when the caller wants the prediction shown.
         """
         fps = [i.fps() for i in self.instances.values() if i.state == "RUNNING"]
         capacity = self.capacity

@@ -258,17 +258,22 @@ class Streams:
         self.started: dict[str, float] = {}
         self.frames: dict[str, float] = {}
         self.live: set[str] = set()
+        self.loading: dict[str, float] = {}
+        """id -> until when it loads its model: RUNNING, no frames, no share."""
+        self.stopped: dict[str, tuple[float, float]] = {}
         self.worker = Worker(WorkerSpec("w", "w", "http://w"))
 
     def rates(self, factor: float = 1.0) -> dict[str, float]:
-        ids = list(self.started)
+        ids = [i for i in self.started if self.loading.get(i, 0.0) <= self.t]
         caps = [self.live_fps if i in self.live else None for i in ids]
         return {i: r * factor for i, r in zip(ids, fair_shares(self.capacity, caps), strict=True)}
 
-    def add(self, live: bool = False, mark_live: bool = True) -> str:
+    def add(self, live: bool = False, mark_live: bool = True, loading: float = 0.0) -> str:
         instance_id = f"{len(self.started) + 1:020x}{MAC}"
         self.started[instance_id] = self.t
         self.frames[instance_id] = 0.0
+        if loading:
+            self.loading[instance_id] = self.t + loading
         if live:
             self.live.add(instance_id)
             if mark_live:
@@ -280,14 +285,18 @@ class Streams:
             self.frames[instance_id] += rate * seconds
         self.t += seconds
 
-    def poll(self, warmup: float = 5.0, whole_frames: bool = False) -> None:
+    def stop(self, instance_id: str) -> None:
+        """ABORTED: still listed, as on the real server, with its final frames and elapsed time."""
+        self.stopped[instance_id] = (self.frames[instance_id], self.t - self.started.pop(instance_id))
+
+    def poll(self, whole_frames: bool = False) -> None:
         """One status poll; ``whole_frames``: avg_fps counts whole frames only, as the real server's."""
         entries = [
             StatusEntry(i, "RUNNING", (int(self.frames[i]) if whole_frames else self.frames[i]) / (self.t - s)
                         if self.t > s else 0.0, self.t - s)
             for i, s in self.started.items()
-        ]
-        self.worker.observe(entries, self.t, pending_timeout=15, warmup=warmup)
+        ] + [StatusEntry(i, "ABORTED", f / e, e) for i, (f, e) in self.stopped.items()]
+        self.worker.observe(entries, self.t, pending_timeout=15)
 
     def settle(self, polls: int = 3, every: float = 1.0) -> None:
         for _ in range(polls):
@@ -304,7 +313,7 @@ class TestPredictive:
         s.poll()
         assert s.worker.capacity is None  # one poll is no window
         s.settle(2)
-        est = s.worker.estimate(5)
+        est = s.worker.estimate()
         assert est is not None and s.worker.capacity is not None
         assert abs(est.capacity_fps - 130) < 1e-6 and s.worker.capacity.streams == 3
         assert abs(est.predicted_fps - 130 / 4) < 1e-6  # 32.5 > 30
@@ -332,35 +341,44 @@ class TestPredictive:
         s.settle(2)
         assert room(s.worker, PREDICTIVE, s.t).state == READY
         s.worker.reservations[1] = Reservation(1, s.t)  # a start in flight
-        est = s.worker.estimate(5)
+        est = s.worker.estimate()
         assert est is not None and est.sharing == 4 and abs(est.predicted_fps - 26) < 1e-6
         assert room(s.worker, PREDICTIVE, s.t).state == FULL
 
-    def test_window_spanning_a_start_keeps_the_previous_capacity(self) -> None:
-        """The poll after a start mixes two regimes: the capacity measured before it stands."""
+    def test_capacity_holds_while_streams_start_and_stop(self) -> None:
+        """Every frame counts, so a window in which streams come and go still measures the worker:
+        starts one after another need no quiet poll in between."""
         s = Streams(130)
-        for _ in range(2):
-            s.add()
-        s.run(6)
-        s.poll()
-        s.settle(2)
-        s.run(0.5)
-        s.add()  # a third stream starts between two polls
-        s.run(0.5)
-        s.poll()
-        assert s.worker.capacity is not None and s.worker.capacity.streams == 2
-        assert abs(s.worker.capacity.fps - 130) < 1e-6
-        s.settle(1)  # the next clean window measures the new set
-        assert s.worker.capacity.streams == 3 and abs(s.worker.capacity.fps - 130) < 1e-6
-
-    def test_no_estimate_without_a_warmed_up_stream(self) -> None:
-        s = Streams(130)
+        first = s.add()
         s.add()
-        s.settle(3)  # 3 s < warm-up 5 s
-        assert s.worker.estimate(5) is None
+        s.settle(2)
+        for _ in range(3):
+            s.run(0.5)
+            s.add()  # a stream starts between two polls
+            s.run(0.5)
+            s.poll()
+            assert s.worker.capacity is not None and abs(s.worker.capacity.fps - 130) < 1e-6
+        s.run(0.3)
+        s.stop(first)
+        s.run(0.7)
+        s.poll()
+        assert s.worker.capacity.streams == 4 and abs(s.worker.capacity.fps - 130) < 1e-6
+
+    def test_no_estimate_while_the_only_stream_loads_its_model(self) -> None:
+        """A pipeline that has not made a frame yet says nothing of the worker's capacity."""
+        s = Streams(130)
+        s.add(loading=3.0)
+        s.settle(3)
+        assert s.worker.capacity is None and s.worker.estimate() is None
         assert room(s.worker, PREDICTIVE, s.t).state == READY  # then the other rules decide
-        s.settle(4)
-        assert s.worker.estimate(5) is not None
+        s.settle(2)
+        est = s.worker.estimate()
+        assert est is not None and abs(est.capacity_fps - 130) < 1e-6
+        # a second stream still loading takes no frames now, but will take a share: it counts
+        s.add(loading=5.0)
+        s.settle(2)
+        est = s.worker.estimate()
+        assert est is not None and abs(est.capacity_fps - 130) < 1e-6 and est.sharing == 2
 
     def test_live_streams_say_nothing_about_capacity(self) -> None:
         """Two cameras at 30 fps on a 130 fps worker: no estimate, not "capacity 60"."""
@@ -370,7 +388,7 @@ class TestPredictive:
         s.run(6)
         s.poll()
         s.settle(2)
-        assert s.worker.estimate(5) is None
+        assert s.worker.estimate() is None
         assert all(i.live for i in s.worker.instances.values())
         limits = Limits(target_fps=25, warmup=5, predictive=True, stale_after=1e9)
         assert room(s.worker, limits, s.t).state == READY
@@ -380,7 +398,7 @@ class TestPredictive:
         s.run(6)
         s.poll()
         s.settle(2)
-        est = s.worker.estimate(5)
+        est = s.worker.estimate()
         assert est is not None and est.sharing == 1
         assert abs(est.capacity_fps - 130) < 1e-6 and abs(est.predicted_fps - 35) < 1e-6
         assert room(s.worker, limits, s.t).state == READY
@@ -394,7 +412,7 @@ class TestPredictive:
         s.run(6)
         s.poll()
         s.settle(2)
-        est = s.worker.estimate(5)
+        est = s.worker.estimate()
         assert est is not None and abs(est.capacity_fps - 130) < 1e-6
         assert est.predicted_fps < (130 - 30) / 2
 
@@ -411,7 +429,7 @@ class TestPredictive:
         for _ in range(int(CAPACITY_WINDOW) + 2):
             s.run(1.0, factor=rng.uniform(0.98, 1.02))  # one factor for all streams: the worst case
             s.poll(whole_frames=True)
-        est = s.worker.estimate(5)
+        est = s.worker.estimate()
         assert est is not None and abs(est.capacity_fps - 700) / 700 < 0.01
         assert est.predicted_fps > 30  # 700/23 = 30.4: the 23rd start is still admitted
 
@@ -495,7 +513,7 @@ def loaded(name: str, n: int, capacity: float | None = None, **spec: object) -> 
     rate = (capacity or 30.0 * max(n, 1)) / max(n, 1)
     ids = [f"{k:020x}{abs(hash(name)) % 10**12:012d}" for k in range(n)]
     for t in (90.0, 95.0, 100.0):
-        w.observe([StatusEntry(i, "RUNNING", rate, t - 80.0) for i in ids], t, pending_timeout=15, warmup=5)
+        w.observe([StatusEntry(i, "RUNNING", rate, t - 80.0) for i in ids], t, pending_timeout=15)
     if capacity is None:
         w.capacity = None
     return w
@@ -514,11 +532,11 @@ class TestStrategies:
     def test_most_headroom_prefers_idle_then_fastest_prediction(self) -> None:
         small, big, idle = loaded("small", 2, capacity=130), loaded("big", 2, capacity=700), loaded("idle", 0)
         limits = Limits(stale_after=1e9)
-        assert headroom(big, limits) == (1, 700 / 3)
+        assert headroom(big) == (1, 700 / 3)
         assert choose([small, big], 0, limits, 100, strategy=MOST_HEADROOM).worker is big
         assert choose([small, big, idle], 0, limits, 100, strategy=MOST_HEADROOM).worker is idle
         unmeasured = loaded("u", 1)
-        assert headroom(unmeasured, limits) == (0, -1.0)
+        assert headroom(unmeasured) == (0, -1.0)
         assert choose([unmeasured, small], 0, limits, 100, strategy=MOST_HEADROOM).worker is small
 
     def test_pool_uses_its_strategy(self) -> None:
@@ -562,7 +580,7 @@ def test_every_strategy_picks_a_worker_with_room_in_the_pool(
     if strategy == LEAST_PIPELINES:  # never a worker with more load than another with room
         assert all(chosen.load <= w.load for w in with_room)
     if strategy == MOST_HEADROOM:
-        assert all(headroom(chosen, limits) >= headroom(w, limits) for w in with_room)
+        assert all(headroom(chosen) >= headroom(w) for w in with_room)
 
 
 @settings(max_examples=150, deadline=None)
