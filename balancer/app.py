@@ -2,61 +2,35 @@
 
 from __future__ import annotations
 
-import hmac
-import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
+from balancer.admin import Admin
 from balancer.dispatch import ClientRequest, Dispatcher
-
-if TYPE_CHECKING:
-    from balancer.server import Server
+from balancer.proxy import Response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(payload: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(payload, indent=1) + "\n", content_type="application/json")
+def to_web(resp: Response) -> web.Response:
+    """A plain :class:`Response` as an aiohttp one, headers as given (duplicates kept)."""
+    out = web.Response(status=resp.status, body=resp.body)
+    for name, value in resp.headers:
+        out.headers.add(name, value)
+    return out
 
 
-def admin_routes(server: Server, token: str | None) -> list[web.RouteDef]:
+def admin_routes(admin: Admin) -> list[web.RouteDef]:
     """``/backends`` and ``/metrics`` (behind the token if one is set), ``/healthz``, ``/readyz``."""
 
-    def guarded(handler: Handler) -> Handler:
-        async def check(request: web.Request) -> web.StreamResponse:
-            if token is not None:
-                given = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                    return web.Response(
-                        status=401, text='{"error": "bearer token required"}\n', content_type="application/json",
-                        headers={"WWW-Authenticate": 'Bearer realm="pipeline-balancer"'},
-                    )
-            return await handler(request)
+    def route(path: str) -> web.RouteDef:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return to_web(admin.answer(path, request.headers.get("Authorization")))
 
-        return check
+        return web.get(path, handle)
 
-    async def backends(request: web.Request) -> web.Response:
-        return _json(server.backends())
-
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=server.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(request: web.Request) -> web.Response:
-        return _json({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
-        ready, reason = server.readiness()
-        return _json({"ready": ready, "reason": reason}, 200 if ready else 503)
-
-    return [
-        web.get("/backends", guarded(backends)),
-        web.get("/metrics", guarded(metrics)),
-        web.get("/healthz", healthz),
-        web.get("/readyz", readyz),
-    ]
+    return [route(path) for path in admin.paths()]
 
 
 def proxy_handler(dispatcher: Dispatcher) -> Handler:
@@ -67,24 +41,20 @@ def proxy_handler(dispatcher: Dispatcher) -> Handler:
         resp = await dispatcher.handle(
             ClientRequest(request.method, request.raw_path, headers, body, peer[0] if peer else None)
         )
-        out = web.Response(status=resp.status, body=resp.body)
-        for name, value in resp.headers:
-            out.headers.add(name, value)
-        return out
+        return to_web(resp)
 
     return handle
 
 
-def build_app(server: Server, dispatcher: Dispatcher, token: str | None, with_admin: bool) -> web.Application:
-    """The API app. Admin routes live here unless they have a port of their own (then only probes stay)."""
-    app = web.Application(client_max_size=server.config.server.max_body_bytes)
-    routes = admin_routes(server, token)
-    app.add_routes(routes if with_admin else [r for r in routes if r.path in ("/healthz", "/readyz")])
+def build_app(admin: Admin, dispatcher: Dispatcher, max_body_bytes: int) -> web.Application:
+    """The API app: ``admin``'s routes (all, or only the probes when admin has a port of its own), then the proxy."""
+    app = web.Application(client_max_size=max_body_bytes)
+    app.add_routes(admin_routes(admin))
     app.router.add_route("*", "/{tail:.*}", proxy_handler(dispatcher))
     return app
 
 
-def build_admin_app(server: Server, token: str | None) -> web.Application:
+def build_admin_app(admin: Admin) -> web.Application:
     app = web.Application()
-    app.add_routes(admin_routes(server, token))
+    app.add_routes(admin_routes(admin))
     return app

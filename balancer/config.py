@@ -133,6 +133,21 @@ class ServerSettings:
     admin_token_file: str = setting("", "ADMIN_TOKEN_FILE")
     """File holding a bearer token required for /backends and /metrics (empty: no token)."""
 
+    front: str = setting("aiohttp", "FRONT", one_of("fast", "aiohttp"))
+    """HTTP server for the API port: ``fast`` (asyncio Protocols + httptools) or ``aiohttp`` (simpler, slower)."""
+
+    header_timeout: float = setting(10.0, "HEADER_TIMEOUT", positive)
+    """Seconds a client has to send a whole request once it started one (408 beyond; slowloris). Fast front."""
+
+    keepalive_timeout: float = setting(60.0, "KEEPALIVE_TIMEOUT", positive)
+    """Seconds an idle client keep-alive connection stays open (HAProxy ``timeout client 60s``). Fast front."""
+
+    max_connections: int = setting(10000, "MAX_CONNECTIONS", positive)
+    """Client connections served at once; more are answered 503 and closed. Fast front."""
+
+    max_header_bytes: int = setting(16384, "MAX_HEADER_BYTES", positive)
+    """Largest request line plus headers accepted (431 beyond). Fast front."""
+
 
 @dataclass(frozen=True)
 class DiscoverySettings:
@@ -242,6 +257,18 @@ class UpstreamSettings:
 
     instance_id_pattern: str = setting(r"[0-9a-f]{32}", "INSTANCE_ID_PATTERN", regex)
     """What an instance id looks like (the real server: uuid1 hex); other ids get 400 at once."""
+
+    client: str = setting("fast", "UPSTREAM_CLIENT", one_of("fast", "aiohttp"))
+    """HTTP client to workers: ``fast`` (pooled asyncio Protocols + httptools) or ``aiohttp``."""
+
+    max_connections_per_worker: int = setting(128, "UPSTREAM_MAX_CONNECTIONS", positive)
+    """Connections to one worker at most; requests beyond wait for one (within their timeout)."""
+
+    idle_timeout: float = setting(15.0, "UPSTREAM_IDLE_TIMEOUT", positive)
+    """Seconds an idle pooled connection to a worker is kept; keep it below the workers' keep-alive timeout."""
+
+    start_reuse_idle: float = setting(2.0, "START_REUSE_IDLE", non_negative)
+    """A start reuses a pooled connection only if it answered within this many seconds (0: always a new one)."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from balancer.admin import Admin
 from balancer.admission import Limits
 from balancer.app import build_admin_app, build_app
 from balancer.config import Config, parse_fallback, split_host_port
@@ -21,12 +22,15 @@ from balancer.discovery import make_discovery
 from balancer.discovery.base import Discovery
 from balancer.dispatch import Dispatcher, json_response
 from balancer.events import EventPublisher
+from balancer.front.connection import Limits as FrontLimits
+from balancer.front.server import FastFront
 from balancer.health import HealthPoller
 from balancer.leader import LeaderElector
 from balancer.logs import event, setup_logging
 from balancer.metrics import LeaderCollector, Metrics
 from balancer.pool import WorkerPool
 from balancer.proxy import AiohttpUpstream, Response, Upstream
+from balancer.upstream import FastUpstream
 
 log = logging.getLogger("balancer.server")
 
@@ -34,6 +38,14 @@ log = logging.getLogger("balancer.server")
 def limits_from(config: Config) -> Limits:
     a = config.admission
     return Limits(a.max_running_pipelines, a.target_fps, a.warmup, config.health.stale_after, a.predictive)
+
+
+def make_upstream(config: Config) -> Upstream:
+    """The client to workers: the fast pooled one, or aiohttp's (``upstream.client``)."""
+    u = config.upstream
+    if u.client == "aiohttp":
+        return AiohttpUpstream(u.connect_timeout)
+    return FastUpstream(u.connect_timeout, u.max_connections_per_worker, u.idle_timeout, u.start_reuse_idle)
 
 
 class Server:
@@ -61,6 +73,7 @@ class Server:
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._runners: list[web.AppRunner] = []
+        self._fronts: list[FastFront] = []
         self.poller: HealthPoller | None = None
         self.elector: LeaderElector | None = None
         self._takeover_round = 0
@@ -141,7 +154,7 @@ class Server:
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
-        upstream = self._upstream or AiohttpUpstream(cfg.upstream.connect_timeout)
+        upstream = self._upstream or make_upstream(cfg)
         self._upstream = upstream
         self.metrics.watch(self.pool.to_dict, self.discovery.to_dict)
         self.poller = HealthPoller(
@@ -159,9 +172,15 @@ class Server:
             self._spawn("mqtt", self.events.run)
 
         separate_admin = bool(cfg.server.admin_listen)
-        await self._listen(build_app(self, dispatcher, token, not separate_admin), cfg.server.listen)
-        if separate_admin:
-            await self._listen(build_admin_app(self, token), cfg.server.admin_listen)
+        api_admin = Admin(self, token, probes_only=separate_admin)
+        if cfg.server.front == "fast":
+            await self._listen_fast(api_admin, dispatcher, cfg.server.listen)
+            if separate_admin:
+                await self._listen_fast(Admin(self, token), None, cfg.server.admin_listen)
+        else:
+            await self._listen(build_app(api_admin, dispatcher, cfg.server.max_body_bytes), cfg.server.listen)
+            if separate_admin:
+                await self._listen(build_admin_app(Admin(self, token)), cfg.server.admin_listen)
         event(log, "listening", api=cfg.server.listen, admin=cfg.server.admin_listen or cfg.server.listen,
               discovery=cfg.discovery.source, max_running_pipelines=cfg.admission.max_running_pipelines,
               target_fps=cfg.admission.target_fps)
@@ -170,6 +189,7 @@ class Server:
         """Stop accepting, let in-flight requests finish within the grace period, then stop everything."""
         self.stopping = True
         event(log, "shutting down", grace=self.config.server.shutdown_grace)
+        await asyncio.gather(*(front.drain(self.config.server.shutdown_grace) for front in self._fronts))
         for runner in self._runners:
             await runner.cleanup()
         for task in self._tasks:
@@ -185,6 +205,13 @@ class Server:
         await runner.setup()
         self._runners.append(runner)
         await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
+
+    async def _listen_fast(self, admin: Admin, dispatcher: Dispatcher | None, address: str) -> None:
+        s = self.config.server
+        limits = FrontLimits(s.max_body_bytes, s.max_header_bytes, s.header_timeout, s.keepalive_timeout)
+        front = FastFront(admin, dispatcher, limits, s.max_connections)
+        self._fronts.append(front)
+        await front.start(*split_host_port(address))
 
     def _read_token(self) -> str | None:
         path = self.config.server.admin_token_file
