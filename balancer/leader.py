@@ -480,11 +480,12 @@ class LeaderElector:
             elif isinstance(action, Update):
                 result = await lease_api.replace(action.record)
             else:
+                self._recovered()  # a read was all this step needed
                 return
             if self.election.succeeded(action, result, self._clock()):
                 log.info("leader election: %s became the leader (lease %s/%s, transitions %d)", self.identity,
                          self.namespace, self.settings.lease_name, result.transitions)
-            self.last_error = ""
+            self._recovered()
         except asyncio.CancelledError:
             raise
         except LeaseConflict as exc:
@@ -524,6 +525,11 @@ class LeaderElector:
                 return
         log.warning("leader election: could not release the lease; the standby waits for it to expire")
 
+    def _recovered(self) -> None:
+        if self.last_error:
+            log.info("leader election: the lease API answers again")
+            self.last_error = ""
+
     def _fail(self, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}"[:500]
         if text != self.last_error:
@@ -540,8 +546,15 @@ class LeaderElector:
                 except Exception:
                     log.exception("on_leading listener failed")
         elif self._leading and not leading:
-            log.warning("leader election: %s is no longer the leader (holder now %r)", self.identity,
-                        self.election.holder)
+            holder = self.election.holder
+            if self.election.released:
+                log.info("leader election: %s stops leading to release the lease", self.identity)
+            elif holder == self.identity:
+                log.warning("leader election: %s could not renew the lease within %ss; no longer the leader",
+                            self.identity, self.settings.renew_deadline)
+            else:
+                log.warning("leader election: %s is no longer the leader (lease held by %s)", self.identity,
+                            holder or "nobody")
         self._leading = leading
         holder = self.election.holder
         if not leading and holder != self._holder_logged and holder != self.identity:

@@ -196,3 +196,4 @@ async def test_leader_steps_down_when_the_api_server_is_gone_and_nobody_takes_ov
     await asyncio.sleep(0.5)
     [leader] = leaders(a, b)
     assert kube.lease(NAME)["spec"]["holderIdentity"] == leader  # type: ignore[index]
+    assert a.to_dict()["last_error"] == b.to_dict()["last_error"] == ""  # cleared by the first good step
