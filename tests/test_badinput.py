@@ -133,7 +133,8 @@ UNKNOWN_ROUTES = ["/", "/foo", "/pipelinesx", "/models/x", "/pipelines/a/b/c/d/e
 PATH_TRICKS = ["/pipelines/../backends", "/pipelines/./status", "/pipelines/%2e%2e/%2e%2e/etc/passwd",
                "/pipelines/a%2Fb/c", "/pipelines/a%2fb/c", "/pipelines/a%5cb/c", "/pipelines/a\\b/c",
                "//pipelines", "/pipelines//status", "/pipelines/status//", "/pipelines/status/..%2f..%2fbackends",
-               "/" + "a" * 3000, "/pipelines/" + "a" * 3000, "/pipelines/status/" + "0" * 3000, "/pipelines/status/" + "0" * 32 + "%0a",
+               "/" + "a" * 3000, "/pipelines/" + "a" * 3000, "/pipelines/status/" + "0" * 3000,
+               "/pipelines/status/" + "0" * 32 + "%0a",
                "/pipelines/" + "0" * 32 + "%0d%0aX-Injected:%201"]
 
 
