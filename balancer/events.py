@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -89,10 +88,12 @@ class EventPublisher:
         self.clock = clock
         self.wall = wall
         self._queue: deque[Message] = deque()
-        self._seq = itertools.count(1)
+        self.sequence = 0
+        """Events made so far: each event's ``seq``."""
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = threading.Event()
+        self._unreachable = threading.Event()
         self._dirty = True
         self._summary: tuple[Any, ...] | None = None
         self._snapshot_at: float | None = None
@@ -112,12 +113,16 @@ class EventPublisher:
     def on_pool_event(self, kind: str, fields: dict[str, Any]) -> None:
         """A ``WorkerPool`` listener: joined, left, or a new admission state."""
         self._dirty = True
-        self._enqueue(event_message(kind, fields, next(self._seq), self.wall(), self.client_id))
+        self._enqueue(event_message(kind, fields, self._next(), self.wall(), self.client_id))
 
     def on_rejection(self, body: dict[str, Any]) -> None:
         """A ``Dispatcher`` rejection listener: ``body`` is the 503's JSON."""
         self._dirty = True
-        self._enqueue(event_message("rejected", body, next(self._seq), self.wall(), self.client_id))
+        self._enqueue(event_message("rejected", body, self._next(), self.wall(), self.client_id))
+
+    def _next(self) -> int:
+        self.sequence += 1
+        return self.sequence
 
     def _enqueue(self, message: dict[str, Any]) -> None:
         if len(self._queue) >= self.settings.queue_size:
@@ -152,6 +157,7 @@ class EventPublisher:
         client.max_inflight_messages_set(PAHO_INFLIGHT)
         client.max_queued_messages_set(PAHO_QUEUE)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         return client
 
@@ -197,6 +203,7 @@ class EventPublisher:
             log.warning("MQTT broker %s refused the connection: %s", self.settings.host, reason)
             return
         log.info("MQTT connected to %s", self.settings.host)
+        self._unreachable.clear()
         self._connected.set()
         self._call(self._reconnected)
 
@@ -204,6 +211,12 @@ class EventPublisher:
         """On the event loop: republish the snapshot now (a broker without persistence lost it) and drain."""
         self._dirty, self._snapshot_at = True, None
         self._wake.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        if not self._unreachable.is_set():  # once per outage: paho retries with backoff, quietly
+            self._unreachable.set()
+            log.warning("MQTT broker %s unreachable; retrying with backoff up to %gs",
+                        self.settings.host, self.settings.reconnect_max)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if self._connected.is_set():
@@ -215,6 +228,11 @@ class EventPublisher:
             with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing left to do
                 self._loop.call_soon_threadsafe(callback)
 
+    def queued(self) -> list[dict[str, Any]]:
+        """The events waiting for the broker, oldest first."""
+        return [json.loads(payload) for _, payload, _ in self._queue]
+
     def to_dict(self) -> dict[str, Any]:
         return {"host": self.settings.host, "connected": self._connected.is_set(), "queued": len(self._queue),
-                "events_topic": self.settings.events_topic, "backends_topic": self.settings.backends_topic}
+                "events": self.sequence, "events_topic": self.settings.events_topic,
+                "backends_topic": self.settings.backends_topic}
