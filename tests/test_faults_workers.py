@@ -80,6 +80,11 @@ def assert_quiet(lb: Balancer) -> None:
                lambda: json.dumps([(w["name"], w["reserved"], w["state"]) for w in lb.backends()["workers"]]))
 
 
+def timed_out(error: str) -> bool:
+    """The reason says the poll timed out (each upstream client words it its own way)."""
+    return any(word in error for word in ("timeout", "timed out", "within", "in time"))
+
+
 def timed(call: Callable[[], tuple[int, dict[str, str], bytes]]) -> tuple[int, dict[str, str], bytes, float]:
     began = time.monotonic()
     status, headers, body = call()
@@ -230,7 +235,7 @@ def test_frozen_worker_times_out_and_recovers(start_worker: WorkerFactory, clean
     procs[0].signal(signal.SIGSTOP)
     try:
         took = wait_state(lb, frozen, "unhealthy", 2 * POLL)
-        assert "timeout" in worker_info(lb, frozen)["error"] or "within" in worker_info(lb, frozen)["error"]
+        assert timed_out(worker_info(lb, frozen)["error"])
         print(f"SIGSTOPped worker unhealthy after {took:.2f}s (bound {2 * POLL}s + {SLACK}s slack)")
         # its instance: 504 after the upstream timeout, not a hang
         status, _, body, took = timed(lambda: request("GET", f"{lb.url}/pipelines/status/{ids[frozen]}"))
@@ -305,7 +310,7 @@ def test_worker_that_accepts_and_never_answers(cleanup: list[Any]) -> None:
     hole_url = f"http://127.0.0.1:{hole.getsockname()[1]}"
     lb = balancer(cleanup, [good.url, hole_url], wait_states=("ready", "unhealthy"))
     took = wait_state(lb, hole_url, "unhealthy", 2 * POLL)
-    assert "within" in worker_info(lb, hole_url)["error"]
+    assert timed_out(worker_info(lb, hole_url)["error"])
     assert took < 2 * POLL + SLACK
     assert worker_info(lb, good.url)["state"] == "ready"
     # starts and any-worker requests go to the good worker
