@@ -33,10 +33,15 @@ def start_balancer(workers: list[str], *args: str, env: dict[str, str] | None = 
                        "--poll-interval", "0.25", "--poll-timeout", "0.5", *args)
     proc = Balancer(cmd, env={"FPS_WARMUP": "0.5", "STALE_AFTER": "2", **(env or {})}, name="balancer")
     proc.url = f"http://127.0.0.1:{port}"
-    wait_http(proc.url + "/healthz", proc=proc.popen)
-    if wait_states:
-        wait_until(lambda: all(s in wait_states for s in proc.worker_states().values()), 10,
-                   lambda: f"workers not {wait_states}: {proc.backends()}")
+    try:
+        wait_http(proc.url + "/healthz", proc=proc.popen)
+        if wait_states:
+            wait_until(lambda: all(s in wait_states for s in proc.worker_states().values()), 10,
+                       lambda: f"workers not {wait_states}: {proc.backends()}")
+    except BaseException:
+        proc.stop()  # never leave a balancer behind when a test cannot even start it
+        print(proc.output()[-4000:])
+        raise
     return proc
 
 
