@@ -162,8 +162,11 @@ class EventPublisher:
         return client
 
     def _take_snapshot(self) -> None:
-        """Build the ``/backends`` snapshot when it changed, at most once per ``snapshot_interval``."""
+        """Build the ``/backends`` snapshot when it changed, at most once per ``snapshot_interval``
+        (not while disconnected: reconnecting takes a fresh one)."""
         now = self.clock()
+        if not self._connected.is_set():
+            return
         if self._snapshot_at is not None and now - self._snapshot_at < self.settings.snapshot_interval:
             return
         backends = self.snapshot()
