@@ -134,8 +134,9 @@ PATH_TRICKS = ["/pipelines/../backends", "/pipelines/./status", "/pipelines/%2e%
                "/pipelines/a%2Fb/c", "/pipelines/a%2fb/c", "/pipelines/a%5cb/c", "/pipelines/a\\b/c",
                "//pipelines", "/pipelines//status", "/pipelines/status//", "/pipelines/status/..%2f..%2fbackends",
                "/" + "a" * 3000, "/pipelines/" + "a" * 3000, "/pipelines/status/" + "0" * 3000,
-               "/pipelines/status/" + "0" * 32 + "%0a",
                "/pipelines/" + "0" * 32 + "%0d%0aX-Injected:%201"]
+ENCODED_NEWLINES = ["/pipelines/status/" + "0" * 32 + "%0a", f"{START_PATH}/{'0' * 32}%0d%0a/status"]
+"""GET/DELETE only: ``POST /pipelines/{name}/{version}`` is a start, whatever the name (the worker refuses it)."""
 
 
 def test_unknown_routes_and_path_tricks_are_answered_by_the_balancer_not_forwarded(rig: Rig) -> None:
@@ -151,6 +152,11 @@ def test_unknown_routes_and_path_tricks_are_answered_by_the_balancer_not_forward
             status, headers, body = raw(rig.lb_fakes.url, method, path)
             assert_balancer_error(status, headers, body)
             assert status in (400, 404, 405, 414, 431), (method, path, status, body[:200])
+            assert "X-Pipeline-Worker" not in headers, (method, path)
+    for path in ENCODED_NEWLINES:
+        for method in ("GET", "DELETE"):
+            status, headers, body = raw(rig.lb_fakes.url, method, path)
+            assert status in (400, 404, 405), (method, path, status, body[:200])
             assert "X-Pipeline-Worker" not in headers, (method, path)
     forwarded = {f.url: sum(f.requests.values()) - before[f.url]
                  - (f.requests["GET /pipelines/status"] - polls[f.url]) for f in rig.fakes}
