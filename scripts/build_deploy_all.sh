@@ -209,6 +209,12 @@ kc apply -k "$work"
 for workload in deployment/mqtt-deployment daemonset/pipeline-server-cpu-worker \
   daemonset/pipeline-server-gpu-worker deployment/pipeline-balancer; do
   echo "Waiting for $workload"
+  if [[ $workload == deployment/pipeline-balancer && $OVERLAY == *-ha ]]; then
+    # HA: only the lease holder is ready (READY 1/2), so a rollout never "completes".
+    kc -n "$NS" wait "$workload" --for=jsonpath='{.status.readyReplicas}'=1 --timeout="$ROLLOUT_TIMEOUT" \
+      || die "no balancer replica holds the lease after $ROLLOUT_TIMEOUT: look at '${KUBECTL_CMD[*]} -n $NS logs -l app=pipeline-balancer'"
+    continue
+  fi
   kc -n "$NS" rollout status "$workload" --timeout="$ROLLOUT_TIMEOUT" \
     || die "$workload is not ready after $ROLLOUT_TIMEOUT: look at '${KUBECTL_CMD[*]} -n $NS get pods' and 'describe pod'"
 done

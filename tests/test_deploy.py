@@ -38,8 +38,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 NAMESPACE = "pipeline-server"
-OVERLAYS = ("real", "simulated")
-KUSTOMIZATIONS = sorted(p.parent.relative_to(ROOT).as_posix() for p in K8S.rglob("kustomization.yaml"))
+OVERLAYS = ("real", "simulated", "real-ha", "simulated-ha")
+# Components (k8s/components/*) only render inside an overlay that uses them.
+KUSTOMIZATIONS = sorted(p.parent.relative_to(ROOT).as_posix() for p in K8S.rglob("kustomization.yaml")
+                        if "kind: Component" not in p.read_text())
 # Kubernetes versions the manifests must be valid for (MicroK8s' oldest supported track, the newest).
 K8S_VERSIONS = ("1.28.0", "1.37.0")
 
@@ -212,7 +214,8 @@ def _port(container: Obj, port: int | str) -> int:
 
 def test_every_kustomization_renders(rendered: dict[str, list[Obj]]) -> None:
     expected = {"k8s/base", "k8s/workers/common", "k8s/workers/cpu", "k8s/workers/gpu",
-                "k8s/overlays/real", "k8s/overlays/simulated"}
+                "k8s/overlays/real", "k8s/overlays/simulated", "k8s/overlays/real-ha",
+                "k8s/overlays/simulated-ha"}
     assert expected <= set(rendered), f"kustomizations missing: {expected - set(rendered)}"
     for rel, objs in rendered.items():
         assert objs, f"{rel} renders nothing"
@@ -272,11 +275,19 @@ def test_rbac_grants_only_get_list_watch_on_pods_in_its_namespace(rendered: dict
     bindings = [o for o in objs if o["kind"] == "RoleBinding"]
     assert len(roles) == 1 and len(bindings) == 1
     role, binding = roles[0], bindings[0]
-    assert len(role["rules"]) == 1
-    rule = role["rules"][0]
+    rule, *lease_rules = role["rules"]
     assert rule["apiGroups"] == [""] and rule["resources"] == ["pods"]
     assert sorted(rule["verbs"]) == ["get", "list", "watch"]
     assert set(rule) == {"apiGroups", "resources", "verbs"}, "no resourceNames, no nonResourceURLs"
+    if overlay.endswith("-ha"):
+        # Leader election: its one Lease, by name, plus create (which resourceNames cannot narrow).
+        assert lease_rules == [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["pipeline-balancer"],
+             "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        ]
+    else:
+        assert lease_rules == [], "without HA the balancer may only read pods"
 
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
@@ -488,7 +499,19 @@ def test_resources_and_probes(rendered: dict[str, list[Obj]], overlay: str) -> N
             for part in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources.get(part, {})), (
                     f"{workload['metadata']['name']}: {part}")
-    assert _one(objs, "Deployment", "pipeline-balancer")["spec"]["replicas"] == 1
+    balancer = _one(objs, "Deployment", "pipeline-balancer")
+    if overlay.endswith("-ha"):
+        # Two replicas, one leader; only the leader is ready, and quickly so after a takeover.
+        assert balancer["spec"]["replicas"] == 2
+        env = _env(objs, _container(balancer))
+        assert env["HA_ENABLED"] == "true"
+        pod_name = next(v for v in _container(balancer)["env"] if v["name"] == "POD_NAME")
+        assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert _container(balancer)["readinessProbe"]["periodSeconds"] == 1
+        assert balancer["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 2
+    else:
+        # One replica: in-flight start reservations (admission) live in one process.
+        assert balancer["spec"]["replicas"] == 1
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -549,7 +572,7 @@ def test_workers_are_placed_as_in_the_seed(rendered: dict[str, list[Obj]], overl
     assert gpu_env["DETECTION_DEVICE"] == gpu_env["CLASSIFICATION_DEVICE"] == "GPU"
     assert "DETECTION_DEVICE" not in _env(objs, cpu_container)
     balancer_image = _container(_one(objs, "Deployment", "pipeline-balancer"))["image"]
-    if overlay == "real":
+    if overlay in ("real", "real-ha"):
         assert gpu_container["resources"]["limits"][GPU_RESOURCE] == 1
         assert GPU_RESOURCE not in cpu_container.get("resources", {}).get("limits", {})
         for container in (gpu_container, cpu_container):
