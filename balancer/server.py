@@ -189,9 +189,8 @@ class Server:
         """Stop accepting, let in-flight requests finish within the grace period, then stop everything."""
         self.stopping = True
         event(log, "shutting down", grace=self.config.server.shutdown_grace)
-        await asyncio.gather(*(front.drain(self.config.server.shutdown_grace) for front in self._fronts))
-        for runner in self._runners:
-            await runner.cleanup()
+        await asyncio.gather(*(front.drain(self.config.server.shutdown_grace) for front in self._fronts),
+                             *(runner.cleanup() for runner in self._runners))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -201,7 +200,9 @@ class Server:
 
     async def _listen(self, app: web.Application, address: str) -> None:
         host, port = split_host_port(address)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.server.shutdown_grace)
+        # aiohttp waits shutdown_timeout for a handler, then as long again after cancelling it: half the grace
+        # each, so a stuck request cannot hold the exit past the grace period
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.server.shutdown_grace / 2)
         await runner.setup()
         self._runners.append(runner)
         await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
