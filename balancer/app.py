@@ -50,7 +50,8 @@ def build_app(admin: Admin, dispatcher: Dispatcher, max_body_bytes: int) -> web.
     """The API app: ``admin``'s routes (all, or only the probes when admin has a port of its own), then the proxy."""
     app = web.Application(client_max_size=max_body_bytes)
     app.add_routes(admin_routes(admin))
-    app.router.add_route("*", "/{tail:.*}", proxy_handler(dispatcher))
+    # [\s\S]: also paths holding an encoded newline (%0a), which ".*" left to aiohttp's own plain-text 404
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", proxy_handler(dispatcher))
     return app
 
 
