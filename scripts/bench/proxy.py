@@ -44,9 +44,10 @@ START_BODY = (
     '"detection-model-instance-id": "inf0"}, "tags": {"camera": "bench-01"}}'
 )
 REQUESTS = {"post": ("POST", START_PATH), "status": ("GET", STATUS_PATH)}
-STATUS_NOTE = ("GET /pipelines/status: the balancer merges all 4 workers' lists (4 upstream requests per client "
-               "request); the seed's HAProxy forwards it to one worker (pipeline-server0) and returns that "
-               "worker's list only.")
+STATUS_NOTE = ("† GET /pipelines/status: the balancer merges all 4 workers' lists (4 upstream requests per "
+               "client request); the seed's HAProxy forwards it to one worker (pipeline-server0) and returns "
+               "that worker's list only.")
+LABELS = {"post": "POST start", "status": "GET status†"}
 TARGETS = {
     "rps_ratio_min": 0.8,
     "p99_ratio_max": 1.5,
@@ -158,7 +159,7 @@ def summarize(runs: list[dict[str, Any]], configs: list[str], connections: list[
 
 
 def render(summary: dict[str, Any], reps: int, duration: float) -> str:
-    rows = [[c["request"], str(c["connections"]), c["config"], fmt(c["rps"], 0), fmt(c["p50_ms"], 3),
+    rows = [[LABELS[c["request"]], str(c["connections"]), c["config"], fmt(c["rps"], 0), fmt(c["p50_ms"], 3),
              fmt(c["p99_ms"], 3), fmt(c["proxy_cpu_pct"], 0), fmt(c["proxy_cpu_us_per_req"], 0),
              fmt(c["proxy_rss_mb"], 1), str(c["errors"])] for c in summary["cells"]]
     figures = table(["request", "conns", "config", "req/s", "p50 ms", "p99 ms", "proxy CPU %", "CPU us/req",
@@ -169,8 +170,8 @@ def render(summary: dict[str, Any], reps: int, duration: float) -> str:
             return "-"
         return f"{fmt(r[key])} ({fmt(r[f'{key}_min'])}-{fmt(r[f'{key}_max'])})"
 
-    ratio_rows = [[r["request"], str(r["connections"]), r["config"], span(r, "rps"), span(r, "p50"), span(r, "p99"),
-                   span(r, "added_p50") if r["connections"] == 1 else "-", r["target"],
+    ratio_rows = [[LABELS[r["request"]], str(r["connections"]), r["config"], span(r, "rps"), span(r, "p50"),
+                   span(r, "p99"), span(r, "added_p50") if r["connections"] == 1 else "-", r["target"],
                    "yes" if r["met"] else "**no**"] for r in summary["ratios"]]
     ratios = table(["request", "conns", "balancer", "req/s ratio", "p50 ratio", "p99 ratio", "added-p50 ratio",
                     "target", "met"], ratio_rows)
