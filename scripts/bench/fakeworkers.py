@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -105,7 +106,7 @@ async def serve(count: int, instances: int, ports_file: Path, host: str) -> None
     ports = []
     for index in range(count):
         answers = build_answers(index, instances)
-        server = await loop.create_server(lambda a=answers: FakeWorker(a), host, 0, backlog=1024)
+        server = await loop.create_server(functools.partial(FakeWorker, answers), host, 0, backlog=1024)
         servers.append(server)
         ports.append(server.sockets[0].getsockname()[1])
     tmp = ports_file.with_suffix(".tmp")

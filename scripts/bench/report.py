@@ -11,6 +11,7 @@ The prose around the markers is left alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -88,6 +89,11 @@ def target_rows() -> list[list[str]]:
     return rows
 
 
+def _splice(body: str, match: re.Match[str]) -> str:
+    """Keep the markers, replace what is between them."""
+    return match.group(1) + body + match.group(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m scripts.bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,12 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not pattern.search(text):
             print(f"{name}: no <!-- bench:{name} --> markers in {args.doc}", file=sys.stderr)
             return 1
-        text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+        text = pattern.sub(functools.partial(_splice, body), text)
     rows = target_rows()
     if rows:
         body = table(["target", "wanted", "measured (medians)", "met"], rows)
         text = re.sub(r"(<!-- bench:targets -->\n).*?(\n<!-- /bench:targets -->)",
-                      lambda m: m.group(1) + body + m.group(2), text, flags=re.DOTALL)
+                      functools.partial(_splice, body), text, flags=re.DOTALL)
     args.doc.write_text(text)
     print(f"updated {args.doc}")
     return 0
