@@ -17,8 +17,6 @@ import pytest
 
 from scripts.bench import common
 
-REPO = Path(__file__).resolve().parents[1]
-
 BENCHMARKS = {
     "proxy": (("wrk", "haproxy", "nginx"), {"summary": ("cells", "ratios")}),
     "burst": (("haproxy",), {}),
@@ -44,7 +42,7 @@ def test_smoke(name: str, tmp_path: Path) -> None:
     tools, nested = BENCHMARKS[name]
     require(tools)
     proc = subprocess.run([sys.executable, "-m", f"scripts.bench.{name}", "--smoke", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=55)
+                          cwd=common.REPO, capture_output=True, text=True, timeout=55)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     doc = json.loads((tmp_path / "smoke.json").read_text())
     missing = [k for k in COMMON_KEYS if k not in doc]

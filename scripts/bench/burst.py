@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from scripts.bench import common
-from scripts.bench.common import START_PATH, STATUS_PATH, Backend, Child, fmt, median, table
+from scripts.bench.common import START_PATH, STATUS_PATH, Child, fmt, median, table
 
 NAME = "burst"
 TITLE = "Burst admission"
@@ -92,8 +92,7 @@ def one_run(config: str, burst: int, run: int) -> dict[str, Any]:
     front: Child | None = None
     try:
         if config == "haproxy":
-            front = common.start_haproxy([Backend(f"w{i}", "127.0.0.1", w.extra["port"], w.extra["mac"],
-                                                  w.extra["agent_port"]) for i, w in enumerate(workers)])
+            front = common.start_haproxy(common.backends_of(workers))
             common.wait_haproxy_agents(front, WORKERS)
         else:
             front = common.start_balancer([w.url for w in workers], env={"MAX_RUNNING_PIPELINES": str(MAX_RUNNING)})

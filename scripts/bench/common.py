@@ -35,7 +35,6 @@ RESULTS = REPO / "bench-results"
 START_PATH = "/pipelines/object_detection/person_vehicle_bike"
 STATUS_PATH = "/pipelines/status"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 TOOLS = {
     "wrk": ("wrk", ["/usr/bin/wrk"]),
@@ -84,8 +83,7 @@ def tool_version(name: str) -> str:
         path = tool(name)
     except MissingTool:
         return "missing"
-    flag = {"wrk": "-v", "haproxy": "-v", "nginx": "-v"}[name]
-    out = subprocess.run([path, flag], capture_output=True, text=True, timeout=10)
+    out = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=10)
     text = (out.stdout + out.stderr).strip().splitlines()
     return text[0] if text else "?"
 
@@ -444,12 +442,12 @@ def use_source(spec: str | None) -> Source:
     return source
 
 
-def git_describe(path: Path) -> str:
-    """Short commit of ``path``'s checkout, with ``-dirty`` when tracked files under balancer/ are modified."""
+def git_describe(path: Path, under: str = "balancer") -> str:
+    """Short commit of ``path``'s checkout, with ``-dirty`` when files under ``under`` are modified."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                               timeout=10, cwd=path).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "balancer"], capture_output=True, text=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", under], capture_output=True, text=True,
                                timeout=10, cwd=path).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -594,6 +592,12 @@ def haproxy_config(port: int, backends: Sequence[Backend], map_path: Path, stats
     return "\n".join(lines) + "\n"
 
 
+def backends_of(workers: Sequence[Child]) -> list[Backend]:
+    """Simulated workers (from :func:`start_sim_worker`) as the seed's HAProxy config lists them."""
+    return [Backend(f"w{i}", "127.0.0.1", w.extra["port"], w.extra["mac"], w.extra["agent_port"])
+            for i, w in enumerate(workers)]
+
+
 def start_haproxy(backends: Sequence[Backend], name: str = "haproxy") -> Child:
     """Debian's HAProxy in the foreground (``-db``: one process, no master) on a free loopback port."""
     directory = tmp_dir(name)
@@ -667,15 +671,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=REPO)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
@@ -718,7 +713,7 @@ def document(name: str, title: str, params: dict[str, Any], started: float) -> d
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": source.commit,
         "balancer_source": source.label,
-        "bench_commit": git_commit(),
+        "bench_commit": git_describe(REPO, "scripts/bench"),
         "machine": machine(),
         "params": params,
         "started_monotonic": started,

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from scripts.bench import common
-from scripts.bench.common import START_PATH, STATUS_PATH, Backend, Child, fmt, median, table
+from scripts.bench.common import START_PATH, STATUS_PATH, Child, fmt, median, table
 
 NAME = "density"
 TITLE = "Stream density"
@@ -105,9 +105,7 @@ def one_run(config: str, run: int, opts: dict[str, Any]) -> dict[str, Any]:
     try:
         common.wait_workers(workers)
         if config == "haproxy":
-            front = common.start_haproxy([Backend(f"w{i}", "127.0.0.1", w.extra["port"], w.extra["mac"],
-                                                  w.extra["agent_port"]) for i, w in enumerate(workers)],
-                                         name=f"haproxy-{run}")
+            front = common.start_haproxy(common.backends_of(workers), name=f"haproxy-{run}")
             common.wait_haproxy_agents(front, len(workers))
         else:
             env = {"TARGET_FPS": f"{target:g}", **opts["balancer_envs"][config]}
