@@ -157,12 +157,16 @@ _children: list[Child] = []
 _tmp_root: Path | None = None
 
 
+_tmp_lock = threading.Lock()
+
+
 def tmp_root() -> Path:
-    """This run's temp directory (removed by :func:`guarded`)."""
+    """This run's temp directory (removed by :func:`guarded`); one per run, also when threads ask at once."""
     global _tmp_root
-    if _tmp_root is None:
-        _tmp_root = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
-    return _tmp_root
+    with _tmp_lock:
+        if _tmp_root is None:
+            _tmp_root = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+        return _tmp_root
 
 
 def tmp_dir(prefix: str) -> Path:
@@ -263,9 +267,10 @@ def guarded(max_seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGTERM, old_term)
         cleanup_all()
         global _tmp_root
-        if _tmp_root is not None:
-            shutil.rmtree(_tmp_root, ignore_errors=True)
-            _tmp_root = None
+        with _tmp_lock:
+            if _tmp_root is not None:
+                shutil.rmtree(_tmp_root, ignore_errors=True)
+                _tmp_root = None
 
 
 def pause(seconds: float) -> None:
