@@ -133,7 +133,7 @@ class ServerSettings:
     admin_token_file: str = setting("", "ADMIN_TOKEN_FILE")
     """File holding a bearer token required for /backends and /metrics (empty: no token)."""
 
-    front: str = setting("aiohttp", "FRONT", one_of("fast", "aiohttp"))
+    front: str = setting("fast", "FRONT", one_of("fast", "aiohttp"))
     """HTTP server for the API port: ``fast`` (asyncio Protocols + httptools) or ``aiohttp`` (simpler, slower)."""
 
     header_timeout: float = setting(10.0, "HEADER_TIMEOUT", positive)
@@ -228,7 +228,7 @@ class AdmissionSettings:
     """Seconds a started instance may stay missing from its worker's status list before its
     reservation is dropped (so a worker that forgets a start cannot leak a slot)."""
 
-    predictive: bool = setting(False, "PREDICTIVE_ADMISSION")
+    predictive: bool = setting(True, "PREDICTIVE_ADMISSION")
     """With TARGET_FPS > 0: also refuse a start that would push a worker's streams to TARGET_FPS or
     below, predicted from its measured capacity (n streams at f fps: n*f/(n+1)), before they get there.
     Off: the seed's rule alone (a worker is full once a stream is at or below TARGET_FPS)."""

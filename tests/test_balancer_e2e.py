@@ -121,10 +121,19 @@ def test_burst_admits_exactly_the_free_slots(start_worker: WorkerFactory, balanc
                lambda: str(lb.backends()))
 
 
-def test_target_fps_makes_a_worker_full(start_worker: WorkerFactory, balancers: list[Balancer]) -> None:
-    """Capacity 100: three file streams run at 33 fps (> 30), a fourth brings all to 25 (<= 30): full."""
+@pytest.mark.parametrize("predictive", [False, True])
+def test_target_fps_makes_a_worker_full(
+    start_worker: WorkerFactory, balancers: list[Balancer], predictive: bool
+) -> None:
+    """Capacity 100: three file streams run at 33 fps (> 30), a fourth brings all to 25 (<= 30): full.
+
+    Four starts in a row all get in (no stream has run long enough to measure the worker). Then,
+    with one stream stopped, the seed's rule sees three streams above target and takes starts
+    again; predictive admission knows a fourth would bring them back to 25 and keeps refusing.
+    """
     url = start_worker("--noise", "0", "--capacity-fps", "100").url  # type: ignore[attr-defined]
-    lb = start_balancer([url], env={"TARGET_FPS": "30"})
+    flag = "--predictive" if predictive else "--no-predictive"
+    lb = start_balancer([url], flag, env={"TARGET_FPS": "30"})
     balancers.append(lb)
     for _ in range(4):
         assert start_pipeline(lb.url)[0] == 200
@@ -137,7 +146,15 @@ def test_target_fps_makes_a_worker_full(start_worker: WorkerFactory, balancers: 
     # stopping one stream brings the others back above target: room again
     first = get_json(lb.url + "/pipelines/status")[0]["id"]
     assert request("DELETE", f"{lb.url}/pipelines/{first}")[0] == 200
-    wait_until(lambda: lb.worker_states()[url] == "ready", 8, lambda: str(lb.backends()))
+    if not predictive:
+        wait_until(lambda: lb.worker_states()[url] == "ready", 8, lambda: str(lb.backends()))
+        return
+    # three streams back above target: the seed's rule would take a fourth start, prediction does not
+    wait_until(lambda: (lb.backends()["workers"][0]["fps"]["min"] or 0) > 31, 8, lambda: str(lb.backends()))
+    worker = lb.backends()["workers"][0]
+    assert worker["state"] == "full" and worker["running"] == 3, worker
+    assert worker["predicted_fps"] == pytest.approx(25, abs=1.5), worker
+    assert start_pipeline(lb.url)[0] == 503
 
 
 def test_killed_worker_is_unhealthy_and_starts_go_elsewhere(
