@@ -81,8 +81,11 @@ class EventPublisher:
         snapshot: Callable[[], dict[str, Any]],
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
+        self.active = active
+        """False on an HA standby: the leader alone speaks for the cluster (events and the retained snapshot)."""
         self.client_id = settings.client_id or default_client_id()
         self.snapshot = snapshot
         self.clock = clock
@@ -113,11 +116,15 @@ class EventPublisher:
     def on_pool_event(self, kind: str, fields: dict[str, Any]) -> None:
         """A ``WorkerPool`` listener: joined, left, or a new admission state."""
         self._dirty = True
+        if not self.active():
+            return
         self._enqueue(event_message(kind, fields, self._next(), self.wall(), self.client_id))
 
     def on_rejection(self, body: dict[str, Any]) -> None:
         """A ``Dispatcher`` rejection listener: ``body`` is the 503's JSON."""
         self._dirty = True
+        if not self.active():
+            return
         self._enqueue(event_message("rejected", body, self._next(), self.wall(), self.client_id))
 
     def _next(self) -> int:
@@ -165,7 +172,7 @@ class EventPublisher:
         """Build the ``/backends`` snapshot when it changed, at most once per ``snapshot_interval``
         (not while disconnected: reconnecting takes a fresh one)."""
         now = self.clock()
-        if not self._connected.is_set():
+        if not self._connected.is_set() or not self.active():
             return
         if self._snapshot_at is not None and now - self._snapshot_at < self.settings.snapshot_interval:
             return

@@ -68,7 +68,8 @@ class Server:
         self.pool.listeners.append(self._on_pool_event)
         self.events: EventPublisher | None = None
         if config.mqtt.host:
-            self.events = EventPublisher(config.mqtt, self.metrics.registry, self.backends, clock)
+            self.events = EventPublisher(config.mqtt, self.metrics.registry, self.backends, clock,
+                                         active=lambda: self.standby_reason() is None)
             self.pool.listeners.append(self.events.on_pool_event)
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []

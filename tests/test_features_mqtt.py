@@ -218,3 +218,16 @@ def test_broker_outage_never_blocks_starts(start_worker: WorkerFactory, cleanup:
     cleanup.append(snapshot)
     assert snapshot.wait_for(f"{prefix}/backends", lambda s: True)["workers"][0]["name"] == url
     assert get_json(lb.url + "/backends")["mqtt"]["connected"] is True
+
+
+def test_a_standby_publishes_nothing() -> None:
+    """Under HA only the leader speaks: a standby's state changes and rejections are not queued."""
+    leader = [False]
+    publisher = EventPublisher(MqttSettings(host="127.0.0.1:1"), CollectorRegistry(), lambda: {"workers": []},
+                               active=lambda: leader[0])
+    publisher.on_pool_event("joined", {"worker": "w1"})
+    publisher.on_rejection({"error": "no worker has room"})
+    assert publisher.queued() == []
+    leader[0] = True
+    publisher.on_pool_event("state", {"worker": "w1", "state": "ready"})
+    assert [m["event"] for m in publisher.queued()] == ["ready"]
