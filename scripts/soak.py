@@ -177,6 +177,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             rss.append((round(time.monotonic() - began, 1), round(rss_mb(lb.pid), 1)))
         reserved = sum(w["reserved"] for w in backends["workers"])
         states = Counter(w["state"] for w in backends["workers"])
+        listed = sum(w.get("instances_listed", 0) for w in backends["workers"])
+        known = backends.get("instances_known")
     finally:
         procs.stop_all()
     total = sum(results.values())
@@ -196,6 +198,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                    "max": max(m for _, m in rss)},
         "rss_samples": rss,
         "reserved_when_quiet": reserved, "worker_states_when_quiet": dict(states),
+        "instances_listed_by_workers": listed, "instances_known_to_balancer": known,
         "logs": str(procs.logdir),
     }
     growth = summary["rss_mb"]["end"] - summary["rss_mb"]["after_warmup"]  # type: ignore[index]
