@@ -76,13 +76,30 @@ def end_to_end(headers: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()) 
     return [(n, v) for n, v in headers if n.lower() not in skip]
 
 
+_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "x-forwarded-for", "host", "expect"}
+"""Framing and Host are the upstream client's; ``Expect`` was answered by the front, which holds the body."""
+
+
 def forwarded_headers(headers: Iterable[tuple[str, str]], client_ip: str | None) -> list[tuple[str, str]]:
-    """What goes to the worker: end-to-end headers plus ``X-Forwarded-For``."""
-    out = end_to_end(headers, drop=("content-length", "x-forwarded-for", "host"))
-    prior = [v for n, v in headers if n.lower() == "x-forwarded-for"]
-    chain = [*prior, client_ip] if client_ip else prior
-    if chain:
-        out.append(("X-Forwarded-For", ", ".join(chain)))
+    """What goes to the worker: end-to-end headers plus ``X-Forwarded-For``. One pass: it runs per request."""
+    out: list[tuple[str, str]] = []
+    prior: list[str] = []
+    named: set[str] | None = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in _NOT_FORWARDED:
+            if lowered == "x-forwarded-for":
+                prior.append(value)
+            elif lowered == "connection":
+                named = (named or set()) | {token.strip().lower() for token in value.split(",")}
+            continue
+        out.append((name, value))
+    if named:
+        out = [(n, v) for n, v in out if n.lower() not in named]
+    if client_ip:
+        prior.append(client_ip)
+    if prior:
+        out.append(("X-Forwarded-For", ", ".join(prior)))
     return out
 
 
