@@ -31,7 +31,7 @@ SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--shutdown-grace", "server.shutdown_grace", {"type": float, "metavar": "SECONDS"}),
     ("--admin-listen", "server.admin_listen", {"metavar": "HOST:PORT", "help": "serve /backends, /metrics here"}),
     ("--admin-token-file", "server.admin_token_file", {"metavar": "PATH", "help": "bearer token for admin routes"}),
-    ("--front", "server.front", {"choices": ["fast", "aiohttp"], "help": "API HTTP server"}),
+    ("--front", "server.front", {"choices": ["fast", "aiohttp"], "help": "API HTTP server (default fast)"}),
     ("--log-level", "log.level", {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}),
     ("--log-format", "log.format", {"choices": ["text", "json"]}),
 ]

@@ -2,7 +2,9 @@
 
 It speaks enough of the Pipeline Server API for the balancer (status list, start,
 instance status) and can be told to misbehave: answer slowly, drop the
-connection after reading a start, answer garbage, or never answer.
+connection after reading a start, answer garbage, or never answer. It also
+answers one definition chunked, ``/models`` with a chosen status (204/304 have
+no body), and records the headers and body of every start.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from tests.procs import free_port
 
 
 class FakeWorker:
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", keepalive_timeout: float = 75.0) -> None:
         self.host = host
+        self.keepalive_timeout = keepalive_timeout  # seconds before it closes an idle keep-alive connection
         self.port = free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.mac = uuid.uuid4().hex[:12]
@@ -37,6 +40,10 @@ class FakeWorker:
         self.requests: Counter[str] = Counter()  # "METHOD path" of every request received
         self.lookups_in_flight = 0
         self.max_lookups_in_flight = 0
+        self.definitions_delay = 0.0  # seconds GET /pipelines takes
+        self.drop_definitions = 0  # the next N GET /pipelines: read, then close the connection without a byte
+        self.models_status = 200  # GET /models answers this (204 and 304 without a body)
+        self.starts_seen: list[tuple[dict[str, str], bytes]] = []  # (headers, body) of every start received
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -60,7 +67,9 @@ class FakeWorker:
         app.router.add_get("/pipelines", self._definitions)
         app.router.add_post("/pipelines/{name}/{version}", self._start)
         app.router.add_get("/pipelines/status/{id}", self._one)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        app.router.add_get("/pipelines/{name}/{version}", self._definition_chunked)
+        app.router.add_get("/models", self._models)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5, keepalive_timeout=self.keepalive_timeout)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
 
@@ -80,12 +89,20 @@ class FakeWorker:
         return web.json_response(self.instances)
 
     async def _definitions(self, request: web.Request) -> web.Response:
+        if self.drop_definitions > 0:
+            self.drop_definitions -= 1
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(1)
+        if self.definitions_delay:
+            await asyncio.sleep(self.definitions_delay)
         return web.json_response([{"name": "object_detection", "version": "person_vehicle_bike",
                                    "type": "GStreamer", "description": "fake"}])
 
     async def _start(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.starts_received += 1
+        self.starts_seen.append(({k.lower(): v for k, v in request.headers.items()}, body))
         if self.start_error_echo:
             uri = json.loads(body).get("source", {}).get("uri", "")
             return web.json_response(f"Invalid source: cannot open {uri}", status=400)
@@ -99,6 +116,22 @@ class FakeWorker:
         self.instances.append({"id": instance_id, "state": "RUNNING", "avg_fps": 30.0, "elapsed_time": 1.0,
                                "start_time": 1.0, "message": ""})
         return web.Response(text=json.dumps(instance_id) + "\n", content_type="application/json")
+
+    async def _definition_chunked(self, request: web.Request) -> web.StreamResponse:
+        """One pipeline definition, sent with chunked transfer coding in three pieces."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        name, version = request.match_info["name"], request.match_info["version"]
+        for piece in ('{"name": ', json.dumps(name) + ', "version": ', json.dumps(version) + "}\n"):
+            await resp.write(piece.encode())
+        await resp.write_eof()
+        return resp
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if self.models_status in (204, 304):
+            return web.Response(status=self.models_status, headers={"ETag": '"m1"'})
+        return web.json_response([], status=self.models_status)
 
     async def _one(self, request: web.Request) -> web.Response:
         self.lookups_in_flight += 1
