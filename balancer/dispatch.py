@@ -11,15 +11,16 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from balancer.admission import FULL, Choice, live_source, retarget_device
+from balancer.coalesce import Coalescer
 from balancer.config import Config
 from balancer.instance import IdPattern, parse_instance_id, requested_device
 from balancer.logs import event
-from balancer.metrics import Metrics
+from balancer.metrics import LabelCache, Metrics
 from balancer.pool import Ticket, WorkerPool
 from balancer.proxy import (
     NotDelivered,
@@ -31,7 +32,7 @@ from balancer.proxy import (
     forwarded_headers,
 )
 from balancer.routes import ANY, BAD_METHOD, BAD_PATH, INSTANCE, START, STATUS_ALL, Route, classify
-from balancer.status import BadStatusQuery, StatusQuery, merge_status_lists, parse_status_query
+from balancer.status import BadStatusQuery, Merged, StatusQuery, merge_status_lists, parse_status_query
 from balancer.worker import Worker
 
 log = logging.getLogger("balancer.dispatch")
@@ -41,11 +42,14 @@ WORKER_HEADER = "X-Pipeline-Worker"
 MISSING_HEADER = "X-Pipeline-Balancer-Missing"
 FALLBACK_HEADER = "X-Pipeline-Device-Fallback"
 OWNER_LOOKUPS_AT_ONCE = 4
+NOBODY: frozenset[str] = frozenset()
 NEGATIVE_CACHE_SIZE = 4096
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ClientRequest:
+    """Built for every request: slots and no frozen-dataclass ``__setattr__`` cost; never mutated."""
+
     method: str
     path_qs: str
     """The raw request target: path and query, as the client sent them."""
@@ -82,24 +86,32 @@ class Dispatcher:
         """Called with the 503 body of every refused start (MQTT events); must not block."""
         self.gate: Callable[[], Response | None] | None = None
         """When set and answering, every proxied request gets that answer instead (an HA standby replica)."""
+        self._fan_outs: Coalescer[tuple[str, StatusQuery], list[tuple[str, str]], Merged] = Coalescer(
+            self._fan_out)
+        """Concurrent ``GET /pipelines/status`` share a fan-out that started after they arrived."""
+        self._requests = LabelCache(metrics.requests)
+        self._latency = LabelCache(metrics.upstream_latency)
+        self._admitted = metrics.admissions.labels("admitted")
 
     async def handle(self, req: ClientRequest) -> Response:
         route = classify(req.method, req.path_qs.split("?", 1)[0])
         refused = self.gate() if self.gate is not None else None
-        resp = refused if refused is not None else await self._route(route, req)
+        answer = refused if refused is not None else self._route(route, req)
+        resp = answer if isinstance(answer, Response) else await answer
         method = req.method if req.method in KNOWN_METHODS else "OTHER"
-        self.metrics.requests.labels(route.kind, method, str(resp.status)).inc()
+        self._requests(route.kind, method, resp.status).inc()
         return resp
 
-    async def _route(self, route: Route, req: ClientRequest) -> Response:
+    def _route(self, route: Route, req: ClientRequest) -> Response | Coroutine[Any, Any, Response]:
+        """The answer, or the coroutine that makes it (one coroutine frame less per request)."""
         if route.kind == START:
-            return await self._start(req)
+            return self._start(req)
         if route.kind == INSTANCE:
-            return await self._instance(route, req)
+            return self._instance(route, req)
         if route.kind == STATUS_ALL:
-            return await self._status_all(req)
+            return self._status_all(req)
         if route.kind == ANY:
-            return await self._any(req)
+            return self._any(req)
         if route.kind == BAD_METHOD:
             return json_response(405, {"error": "method not allowed"}, [("Allow", route.allow)])
         if route.kind == BAD_PATH:
@@ -112,7 +124,7 @@ class Dispatcher:
         device = requested_device(req.body)
         unreachable: list[str] = []
         while True:
-            pick = self.pool.pick(device, frozenset(w for w in unreachable))
+            pick = self.pool.pick(device, frozenset(unreachable) if unreachable else NOBODY)
             if isinstance(pick, Choice):
                 return self._reject(pick, device, unreachable)
             sent = req
@@ -136,7 +148,7 @@ class Dispatcher:
                 self.pool.release(pick)
                 raise
             self._settle(pick, resp, req.body)
-            self.metrics.admissions.labels("admitted").inc()
+            self._admitted.inc()
             if pick.fallback is not None:
                 resp.headers.append((FALLBACK_HEADER, f"{device}->{pick.fallback}"))
             return resp
@@ -147,6 +159,8 @@ class Dispatcher:
             self.pool.release(ticket)
             return
         self.pool.confirm(ticket, instance_id, live_source(body))
+        if not log.isEnabledFor(logging.INFO):
+            return
         if ticket.fallback is None:
             event(log, "pipeline started", worker=ticket.worker.name, instance=instance_id)
         else:
@@ -232,19 +246,28 @@ class Dispatcher:
             path_qs = f"{path}?{query.forward_query}" if query.forward_query else path
         else:
             path_qs, query = path, StatusQuery()
+        merged = await self._fan_outs.get((path_qs, query), forwarded_headers(req.headers, req.client_ip))
+        headers = [("Content-Type", "application/json")]
+        if merged.missing:
+            headers.append((MISSING_HEADER, ", ".join(merged.missing)))
+        return Response(200, headers, merged.body if req.method != "HEAD" else b"")
+
+    async def _fan_out(self, key: tuple[str, StatusQuery], headers: list[tuple[str, str]]) -> Merged:
+        """One merged status read: every worker asked at once (shared by concurrent requests, see coalesce)."""
+        path_qs, query = key
         workers = self.pool.workers()
-        probe = Request("GET", path_qs, forwarded_headers(req.headers, req.client_ip))
+        probe = Request("GET", path_qs, headers)
         timeout = self.config.upstream.status_timeout
         results = await asyncio.gather(*(self._ask(w, probe, timeout) for w in workers))
         answers = [
             (w.name, r.body if r is not None and r.status == 200 else None)
             for w, r in zip(workers, results, strict=True)
         ]
-        merged = merge_status_lists(answers, query)
-        headers = [("Content-Type", "application/json")]
-        if merged.missing:
-            headers.append((MISSING_HEADER, ", ".join(merged.missing)))
-        return Response(200, headers, merged.body if req.method != "HEAD" else b"")
+        return merge_status_lists(answers, query)
+
+    async def close(self) -> None:
+        """Cancel merged status reads still in flight (shutdown, after the fronts have drained)."""
+        await self._fan_outs.close()
 
     async def _any(self, req: ClientRequest) -> Response:
         for _ in range(max(1, len(self.pool.workers()))):
@@ -268,8 +291,9 @@ class Dispatcher:
                 "timeout" if isinstance(exc, UpstreamTimeout) else "failed")
             self.metrics.upstream_errors.labels(kind).inc()
             raise
-        self.metrics.upstream_latency.labels(route).observe(time.perf_counter() - started)
-        return Response(resp.status, [*resp.headers, (WORKER_HEADER, worker.name)], resp.body)
+        self._latency(route).observe(time.perf_counter() - started)
+        resp.headers.append((WORKER_HEADER, worker.name))  # the upstream's answer is ours to change
+        return resp
 
     async def _forward(
         self, worker: Worker, req: ClientRequest, route: str, retry_undelivered: bool = False

@@ -83,6 +83,21 @@ class LeaderCollector(Collector):
                                   "Times this replica became the leader", value=ha.get("terms", 0))
 
 
+class LabelCache:
+    """``metric.labels(...)`` memoised: prometheus_client takes a lock and builds a key on every call,
+    which is most of a counter's cost on the per-request path. The label space is small and fixed."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def __call__(self, *values: object) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*(str(v) for v in values))
+        return child
+
+
 class Metrics:
     """One registry per server, so tests and embedded servers never share counters."""
 

@@ -24,8 +24,10 @@ HOP_BY_HOP = frozenset(
 """RFC 9110 §7.6.1: headers that describe one connection, not the message."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
+    """Built per forwarded request: slots, and no frozen-dataclass ``__setattr__`` cost; never mutated."""
+
     method: str
     path_qs: str
     """Raw path and query, forwarded as the client sent them."""
@@ -33,8 +35,10 @@ class Request:
     body: bytes = b""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Response:
+    """Built per answer (slots, not frozen, for speed). ``headers`` are end-to-end only: each front frames."""
+
     status: int
     headers: list[tuple[str, str]]
     body: bytes
@@ -58,7 +62,9 @@ class UpstreamFailed(UpstreamError):
 
 class Upstream(Protocol):
     async def send(self, base_url: str, request: Request, timeout: float, fresh: bool = False) -> Response:
-        """Send and read the whole answer. ``fresh``: use a new connection (starts: exact NotDelivered)."""
+        """Send and read the whole answer, a new :class:`Response` the caller may change.
+
+        ``fresh``: a start, whose "not delivered" must be exact (see each implementation)."""
 
     async def close(self) -> None: ...
 

@@ -27,12 +27,31 @@ class Route:
     """What the worker says for an instance it does not own on this path."""
 
 
+_MEMO: dict[tuple[str, str], Route] = {}
+MEMO_SIZE = 4096
+"""Routes remembered: the function is pure and runs per request. A client can make the memo start
+over, never grow past this; paths longer than :data:`MEMO_PATH` are not remembered."""
+MEMO_PATH = 200
+
+
 def classify(method: str, raw_path: str) -> Route:
     """Where a request goes, from its method and its raw (still percent-encoded) path.
 
     The raw path is what is forwarded, so it is also what is judged: ``%2F`` could
     turn one segment into two past a decoder, and ``..`` could climb out of the API.
     """
+    key = (method, raw_path)
+    route = _MEMO.get(key)
+    if route is None:
+        route = _classify(method, raw_path)
+        if len(raw_path) <= MEMO_PATH:
+            if len(_MEMO) >= MEMO_SIZE:
+                _MEMO.clear()
+            _MEMO[key] = route
+    return route
+
+
+def _classify(method: str, raw_path: str) -> Route:
     if len(raw_path) > MAX_PATH:
         return Route(BAD_PATH, detail=f"path longer than {MAX_PATH} bytes")
     if not raw_path.startswith("/"):

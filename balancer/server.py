@@ -75,6 +75,7 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._runners: list[web.AppRunner] = []
         self._fronts: list[FastFront] = []
+        self._dispatcher: Dispatcher | None = None
         self.poller: HealthPoller | None = None
         self.elector: LeaderElector | None = None
         self._takeover_round = 0
@@ -161,7 +162,7 @@ class Server:
         self.poller = HealthPoller(
             self.pool, upstream, self.metrics, cfg.health.poll_interval, cfg.health.poll_timeout, self.clock
         )
-        dispatcher = Dispatcher(cfg, self.pool, upstream, self.metrics, self.clock)
+        dispatcher = self._dispatcher = Dispatcher(cfg, self.pool, upstream, self.metrics, self.clock)
         token = self._read_token()
         self._spawn("discovery", lambda: self.discovery.run(self.pool))
         self._spawn("health", self.poller.run)
@@ -192,6 +193,8 @@ class Server:
         event(log, "shutting down", grace=self.config.server.shutdown_grace)
         await asyncio.gather(*(front.drain(self.config.server.shutdown_grace) for front in self._fronts),
                              *(runner.cleanup() for runner in self._runners))
+        if self._dispatcher is not None:
+            await self._dispatcher.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -44,29 +44,16 @@ log = logging.getLogger("balancer.upstream")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-DROP_FROM_ANSWER = HOP_BY_HOP | {"content-length"}
-REAP_EVERY = 1.0
-"""Seconds between two sweeps for idle connections past ``idle_timeout``."""
+_NOT_PASSED_ON = frozenset(h.encode() for h in HOP_BY_HOP | {"content-length"})
+"""Framing and hop-by-hop headers of a worker's answer: the front frames the answer itself."""
+TICK = 0.05
+"""Seconds between two checks of the exchanges' deadlines: one timer for all, none per request."""
+REAP_EVERY = 20
+"""Ticks between two sweeps for idle connections past ``idle_timeout``."""
 
 
 class _ClosedEmpty(UpstreamFailed):
     """The worker closed the connection without sending a single byte of the answer."""
-
-
-def answer_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """A worker's headers as the client gets them: framing and hop-by-hop ones removed, order kept."""
-    out: list[tuple[str, str]] = []
-    named: set[str] | None = None
-    for name, value in raw:
-        lowered = name.decode("latin-1").lower()
-        if lowered in DROP_FROM_ANSWER:
-            if lowered == "connection":
-                named = (named or set()) | {t.strip().lower() for t in value.decode("latin-1").split(",")}
-            continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
-    if named:
-        out = [(n, v) for n, v in out if n.lower() not in named]
-    return out
 
 
 def encode_request(request: Request, host: str, prefix: str) -> bytes:
@@ -91,12 +78,15 @@ class _Conn(asyncio.Protocol):
         self.reusable = False
         self.idle_since = 0.0
         self.received = 0
+        self.deadline = 0.0
         self.waiter: asyncio.Future[Response] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._head_only = False
         self._interim = False
         self._status = 0
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[str, str]] = []
+        self._named: set[str] | None = None
+        """Headers the worker's ``Connection`` header names: hop-by-hop too."""
+        self._framed = False
         self._body: list[bytes] = []
         self._headers_done = False
 
@@ -111,7 +101,6 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:  # bytes nobody asked for (e.g. a 408 on an idle connection): unusable
-            self.open = False
             self.abort()
             return
         self.received += len(data)
@@ -135,11 +124,22 @@ class _Conn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._body = []
+        self._named = None
+        self._framed = False
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._headers_done:  # trailers of a chunked answer are dropped
-            self._headers.append((name, value))
+        if self._headers_done:
+            return  # trailers of a chunked answer are dropped
+        lowered = name.lower()
+        if lowered in _NOT_PASSED_ON:
+            if lowered == b"connection":
+                tokens = {t.strip().lower() for t in value.decode("latin-1").split(",")}
+                self._named = tokens if self._named is None else self._named | tokens
+            elif lowered == b"content-length" or lowered == b"transfer-encoding":
+                self._framed = True
+            return
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -170,42 +170,42 @@ class _Conn(asyncio.Protocol):
         self.waiter = waiter = self.loop.create_future()
         self.received = 0
         self.reusable = False
+        self.deadline = deadline
         self._head_only = head_only
         self._interim = False
         self._headers_done = False
-        self._timer = self.loop.call_at(deadline, self._timed_out)
+        self.pool.upstream.busy.add(self)
         self.transport.write(data)
         return waiter
 
     def _finish(self, keep_alive: bool) -> None:
         waiter, self.waiter = self.waiter, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.pool.upstream.busy.discard(self)
         self.reusable = keep_alive and self.open
         if waiter is not None and not waiter.done():
-            body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
-            waiter.set_result(Response(self._status, answer_headers(self._headers), body))
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            headers = self._headers
+            if self._named:
+                named = self._named
+                headers = [(n, v) for n, v in headers if n.lower() not in named]
+            waiter.set_result(Response(self._status, headers, body))
         self._headers, self._body = [], []
 
     def _fail(self, exc: Exception) -> None:
         waiter, self.waiter = self.waiter, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.pool.upstream.busy.discard(self)
         self.reusable = False
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def timed_out(self) -> None:
         self._fail(UpstreamTimeout("no answer in time"))
         self.abort()
 
     def _ended(self, why: str) -> None:
         if self.waiter is None:
             return
-        if self._headers_done and not self._interim and not _framed(self._headers):
+        if self._headers_done and not self._interim and not self._framed:
             self._finish(False)  # an answer delimited by the close (HTTP/1.0 style)
         elif self.received == 0:
             self._fail(_ClosedEmpty(f"worker {why} before answering"))
@@ -216,10 +216,6 @@ class _Conn(asyncio.Protocol):
         self.open = False
         if self.transport is not None:
             self.transport.abort()
-
-
-def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers)
 
 
 class _HostPool:
@@ -371,14 +367,16 @@ class FastUpstream:
         self.closed = False
         self.ssl_context: ssl.SSLContext | None = None
         self._pools: dict[str, _HostPool] = {}
-        self._reaper: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self.busy: set[_Conn] = set()
+        """Connections waiting for an answer: the ticker enforces their deadlines."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            self._reaper = self._loop.create_task(self._reap(), name="upstream-reaper")
+            self._ticker = self._loop.create_task(self._tick(), name="upstream-ticker")
         return self._loop
 
     def _pool(self, base_url: str) -> _HostPool:
@@ -402,32 +400,33 @@ class FastUpstream:
         reused = conn is not None
         if conn is None:
             conn = await pool.connect(deadline)
-        try:
-            return await self._exchange(pool, conn, data, deadline, head_only)
-        except _ClosedEmpty as exc:
-            if not (reused and request.method in IDEMPOTENT):
-                raise UpstreamFailed(str(exc)) from None
-        # the worker closed a reused connection as we wrote to it: once more, on a new connection
-        conn = await pool.connect(deadline)
-        try:
-            return await self._exchange(pool, conn, data, deadline, head_only)
-        except _ClosedEmpty as exc:
-            raise UpstreamFailed(str(exc)) from None
+        for attempt in (1, 2):
+            try:
+                return await conn.exchange(data, deadline, head_only)
+            except _ClosedEmpty as exc:
+                # the worker closed a reused connection as we wrote: an idempotent request gets one new one
+                if attempt == 2 or not (reused and request.method in IDEMPOTENT):
+                    raise UpstreamFailed(str(exc)) from None
+            except asyncio.CancelledError:
+                conn.abort()
+                raise
+            finally:
+                pool.release(conn)
+            conn = await pool.connect(deadline)
+        raise AssertionError("unreachable")
 
-    @staticmethod
-    async def _exchange(pool: _HostPool, conn: _Conn, data: bytes, deadline: float, head_only: bool) -> Response:
-        try:
-            return await conn.exchange(data, deadline, head_only)
-        except asyncio.CancelledError:
-            conn.abort()
-            raise
-        finally:
-            pool.release(conn)
-
-    async def _reap(self) -> None:
+    async def _tick(self) -> None:
+        """Fail exchanges past their deadline; now and then, close idle connections past ``idle_timeout``."""
+        ticks = 0
         while True:
-            await asyncio.sleep(REAP_EVERY)
-            older_than = self.loop.time() - self.idle_timeout
+            await asyncio.sleep(TICK)
+            now = self.loop.time()
+            for conn in [c for c in self.busy if c.deadline <= now]:
+                conn.timed_out()
+            ticks += 1
+            if ticks % REAP_EVERY:
+                continue
+            older_than = now - self.idle_timeout
             for url, pool in list(self._pools.items()):
                 pool.reap(older_than)
                 if pool.total <= 0 and not pool.waiters:
@@ -439,10 +438,10 @@ class FastUpstream:
 
     async def close(self) -> None:
         self.closed = True
-        if self._reaper is not None:
-            self._reaper.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+                await self._ticker
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()

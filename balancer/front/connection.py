@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -55,7 +56,7 @@ class Listener(Protocol):
     limits: Limits
     stopping: bool
 
-    async def respond(self, request: ClientRequest) -> Response: ...
+    def respond(self, request: ClientRequest) -> Response | Coroutine[Any, Any, Response]: ...
 
     def opened(self, conn: Connection) -> bool: ...
 
@@ -307,7 +308,8 @@ class Connection(asyncio.Protocol):
                     return
                 assert pending.request is not None
                 try:
-                    resp = await self.listener.respond(pending.request)
+                    answer = self.listener.respond(pending.request)
+                    resp = answer if isinstance(answer, Response) else await answer
                 except Exception:
                     log.exception("answering %s %s failed", pending.request.method, pending.request.path_qs)
                     resp = error_answer(500, "internal error")

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import resource
+from collections.abc import Coroutine
+from typing import Any
 
 from balancer.admin import Admin
 from balancer.dispatch import ClientRequest, Dispatcher
@@ -79,15 +81,15 @@ class FastFront:
         if not self.connections and self._idle is not None:
             self._idle.set()
 
-    async def respond(self, request: ClientRequest) -> Response:
-        """Admin routes for GET/HEAD on their paths; the dispatcher for everything else."""
+    def respond(self, request: ClientRequest) -> Response | Coroutine[Any, Any, Response]:
+        """Admin routes (GET/HEAD on their paths) answer at once; anything else is the dispatcher's coroutine."""
         if request.method == "GET" or request.method == "HEAD":
             path = request.path_qs.partition("?")[0]
             if self.admin.serves(path):
                 return self.admin.answer(path, _header(request, "authorization"))
         if self.dispatcher is None:
             return error_answer(404, "not found")
-        return await self.dispatcher.handle(request)
+        return self.dispatcher.handle(request)
 
     # ---- timeouts ----------------------------------------------------------------------------
     async def _sweep(self) -> None:

@@ -32,22 +32,17 @@ def encode_response(resp: Response, *, head: bool, keep_alive: bool, http10: boo
     status = resp.status
     line = STATUS_LINES.get(status) or f"HTTP/1.1 {status} {_reason(status)}\r\n"
     body = resp.body
-    parts = [line]
-    parts.extend([f"{n}: {v}\r\n" for n, v in resp.headers])
+    fields = "".join([f"{n}: {v}\r\n" for n, v in resp.headers])
     if status in NO_BODY_STATUSES or status < 200:
         body = b""
+        length = ""
     elif head:
-        if body:
-            parts.append(f"Content-Length: {len(body)}\r\n")
+        length = f"Content-Length: {len(body)}\r\n" if body else ""
         body = b""
     else:
-        parts.append(f"Content-Length: {len(body)}\r\n")
-    if not keep_alive:
-        parts.append("Connection: close\r\n")
-    elif http10:
-        parts.append("Connection: keep-alive\r\n")
-    parts.append("\r\n")
-    head_bytes = "".join(parts).encode("latin-1", "replace")
+        length = f"Content-Length: {len(body)}\r\n"
+    connection = "Connection: close\r\n" if not keep_alive else ("Connection: keep-alive\r\n" if http10 else "")
+    head_bytes = f"{line}{fields}{length}{connection}\r\n".encode("latin-1", "replace")
     return head_bytes + body if body else head_bytes
 
 
