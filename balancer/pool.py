@@ -53,6 +53,8 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
         self._owners: dict[str, str] = {}
         """instance id -> worker key, for every id a worker has listed or a start returned."""
+        self._owned: dict[str, set[str]] = {}
+        """worker key -> the ids ``_owners`` gives it (so a poll can forget the ones its worker no longer lists)."""
         self._cursor = 0
         self._any_cursor = 0
         self._tokens = itertools.count(1)
@@ -81,6 +83,7 @@ class WorkerPool:
         if worker is None:
             return
         self._owners = {i: k for i, k in self._owners.items() if k != key}
+        self._owned.pop(key, None)
         self._states.pop(key, None)
         self._emit("left", worker)
 
@@ -108,7 +111,14 @@ class WorkerPool:
 
     def learn_owner(self, instance_id: str, worker: Worker) -> None:
         if worker.key in self._workers:
-            self._owners[instance_id] = worker.key
+            self._set_owner(instance_id, worker.key)
+
+    def _set_owner(self, instance_id: str, key: str) -> None:
+        previous = self._owners.get(instance_id)
+        if previous is not None and previous != key:
+            self._owned.get(previous, set()).discard(instance_id)
+        self._owners[instance_id] = key
+        self._owned.setdefault(key, set()).add(instance_id)
 
     def to_dict(self) -> dict[str, Any]:
         now = self.clock()
@@ -182,8 +192,22 @@ class WorkerPool:
         for instance_id in lost:
             log.warning("start %s never appeared in %s's status list; slot released", instance_id, worker.name)
         for entry in entries:
-            self._owners[entry.id] = worker.key
+            self._set_owner(entry.id, worker.key)
+        self._forget_unlisted(worker, {entry.id for entry in entries})
         self._note_state(worker)
+
+    def _forget_unlisted(self, worker: Worker, listed: set[str]) -> None:
+        """A worker never drops an instance from its status list, so an id it no longer lists (and that is not
+        a start on its way) went with a restarted process (a container restart keeps the pod; a static worker
+        comes back on its address). Forgetting them keeps the owner table from growing with every restart."""
+        owned = self._owned.get(worker.key)
+        if not owned or owned <= listed:
+            return
+        pending = {r.instance_id for r in worker.reservations.values() if r.instance_id is not None}
+        for instance_id in owned - listed - pending:
+            owned.discard(instance_id)
+            if self._owners.get(instance_id) == worker.key:
+                del self._owners[instance_id]
 
     def failed(self, worker: Worker, error: str) -> None:
         if self._workers.get(worker.key) is not worker:

@@ -156,6 +156,12 @@ def test_killed_worker_is_unhealthy_fast_starts_go_elsewhere_and_it_rejoins(
     served = [start_pipeline(lb.url)[1]["X-Pipeline-Worker"] for _ in range(3)]
     assert victim in served
     assert "X-Pipeline-Balancer-Missing" not in request("GET", lb.url + "/pipelines/status")[1]
+    # the dead process's instances are forgotten: the owner table does not grow with every restart
+    wait_until(lambda: lb.backends()["instances_known"] == sum(w["instances_listed"] for w in lb.backends()["workers"]),
+               2 * POLL + SLACK, lambda: str(lb.backends()["instances_known"]))
+    for instance_id in victim_ids:  # and asking for them gets the worker's own answer
+        status, headers, body = request("GET", f"{lb.url}/pipelines/status/{instance_id}")
+        assert (status, json.loads(body)) == (400, "Invalid instance"), body
     assert_quiet(lb)
 
 
