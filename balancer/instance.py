@@ -51,12 +51,12 @@ def requested_device(body: bytes) -> str | None:
         return None
     if not isinstance(request, dict) or not isinstance(request.get("parameters"), dict):
         return None
-    wanted = [
-        str(value).upper()
+    wanted = " ".join(
+        value.upper()
         for key, value in request["parameters"].items()
         if isinstance(key, str) and key.endswith("-device") and isinstance(value, str)
-    ]
-    for pool in DEVICE_POOLS:
-        if any(pool in value for value in wanted):
+    )
+    for pool in DEVICE_POOLS:  # one substring test per pool over all values (this runs for every start)
+        if pool in wanted:
             return pool
     return None
