@@ -51,12 +51,11 @@ def requested_device(body: bytes) -> str | None:
         return None
     if not isinstance(request, dict) or not isinstance(request.get("parameters"), dict):
         return None
-    wanted = " ".join(
-        value.upper()
-        for key, value in request["parameters"].items()
-        if isinstance(key, str) and key.endswith("-device") and isinstance(value, str)
-    )
-    for pool in DEVICE_POOLS:  # one substring test per pool over all values (this runs for every start)
+    wanted = ""  # the device values, joined: one substring test per pool (this runs for every start)
+    for key, value in request["parameters"].items():
+        if isinstance(value, str) and isinstance(key, str) and key.endswith("-device"):
+            wanted += value.upper() + " "
+    for pool in DEVICE_POOLS:
         if pool in wanted:
             return pool
     return None
