@@ -5,6 +5,7 @@ short JSON answer and a closed connection; nothing refused ever reaches the work
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -197,6 +198,10 @@ def test_client_that_vanishes_mid_request_leaves_nothing_behind(lb: Balancer, wo
     assert request("GET", lb.url + "/healthz")[0] == 200
 
 
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def test_connection_limit(worker: FakeWorker) -> None:
     """Thousands of idle connections: the excess is answered 503 and closed; the process keeps serving."""
     lb = start_balancer([worker.url], env={"FRONT": "fast", "MAX_CONNECTIONS": "500"})
@@ -211,6 +216,8 @@ def test_connection_limit(worker: FakeWorker) -> None:
             answer = raw.read()
             statuses.append((answer.status, answer.json()["error"], raw.closed_by_peer()))
         assert statuses == [(503, "too many connections", True)] * 20
+        # refused clients that never close do not hold the balancer's descriptors: it lingers, then closes
+        wait_until(lambda: open_fds(lb.pid) < 500 + 100, 15, lambda: f"{open_fds(lb.pid)} descriptors open")
         for raw in extra:
             raw.close()
         for sock in held[:10]:

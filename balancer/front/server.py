@@ -50,6 +50,9 @@ class FastFront:
         self.max_connections = max_connections
         self.stopping = False
         self.connections: set[Connection] = set()
+        """Connections being served (counted against ``max_connections``)."""
+        self.refusing: set[Connection] = set()
+        """Connections over the limit: told 503, closed after a short linger (the sweeper bounds it)."""
         self.refused = 0
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -72,12 +75,14 @@ class FastFront:
     def opened(self, conn: Connection) -> bool:
         if len(self.connections) >= self.max_connections or self.stopping:
             self.refused += 1
+            self.refusing.add(conn)
             return False
         self.connections.add(conn)
         return True
 
     def closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.refusing.discard(conn)
         if not self.connections and self._idle is not None:
             self._idle.set()
 
@@ -96,7 +101,7 @@ class FastFront:
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             now = self.loop.time()
-            for conn in list(self.connections):
+            for conn in [*self.connections, *self.refusing]:
                 conn.sweep(now)
 
     # ---- shutdown ------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ class FastFront:
             self._idle = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace)
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.refusing]:
             if conn.transport is not None:
                 conn.transport.abort()
         if self._sweeper is not None:
