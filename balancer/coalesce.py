@@ -9,6 +9,9 @@ caller's own request (a client that has just started a pipeline always sees
 it), while at most one run per key is in flight and one more is queued,
 however many callers there are. A run gets the ``context`` of the caller that
 started or first queued it (e.g. the headers to pass on).
+
+Each caller waits on a future of its own, so a caller that goes away cancels
+only its wait, never the run the others share.
 """
 
 from __future__ import annotations
@@ -26,57 +29,57 @@ V = TypeVar("V")
 class Coalescer(Generic[K, C, V]):
     def __init__(self, fetch: Callable[[K, C], Awaitable[V]]) -> None:
         self._fetch = fetch
-        self._running: dict[K, asyncio.Task[V]] = {}
-        self._queued: dict[K, tuple[asyncio.Future[V], C]] = {}
+        self._running: dict[K, tuple[asyncio.Task[None], list[asyncio.Future[V]]]] = {}
+        self._queued: dict[K, tuple[list[asyncio.Future[V]], C]] = {}
         self.runs = 0
         """Runs started (for tests and metrics)."""
 
     async def get(self, key: K, context: C) -> V:
         """The result of a run of ``fetch(key, context)`` that started at or after this call."""
+        waiter: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         if key not in self._running:
-            return await asyncio.shield(self._start(key, context))
-        queued = self._queued.get(key)
-        if queued is None:
-            queued = self._queued[key] = (asyncio.get_running_loop().create_future(), context)
-        return await asyncio.shield(queued[0])
+            self._start(key, context, [waiter])
+        elif key in self._queued:
+            self._queued[key][0].append(waiter)
+        else:
+            self._queued[key] = ([waiter], context)
+        return await waiter
 
-    def _start(self, key: K, context: C) -> asyncio.Task[V]:
+    def _start(self, key: K, context: C, waiters: list[asyncio.Future[V]]) -> None:
         self.runs += 1
-        task = asyncio.get_running_loop().create_task(self._run(key, context), name="coalesced-run")
-        self._running[key] = task
-        return task
+        task = asyncio.get_running_loop().create_task(self._run(key, context, waiters), name="coalesced-run")
+        self._running[key] = (task, waiters)
 
-    async def _run(self, key: K, context: C) -> V:
+    async def _run(self, key: K, context: C, waiters: list[asyncio.Future[V]]) -> None:
         try:
-            return await self._fetch(key, context)
+            result = await self._fetch(key, context)
+        except asyncio.CancelledError:
+            for waiter in waiters:
+                waiter.cancel()
+            raise
+        except Exception as exc:  # every sharer gets the failure
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        else:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(result)
         finally:
             del self._running[key]
             queued = self._queued.pop(key, None)
             if queued is not None:
-                self._chain(self._start(key, queued[1]), queued[0])
-
-    @staticmethod
-    def _chain(task: asyncio.Task[V], into: asyncio.Future[V]) -> None:
-        def done(t: asyncio.Task[V]) -> None:
-            if into.done():
-                return
-            if t.cancelled():
-                into.cancel()
-            elif t.exception() is not None:
-                into.set_exception(t.exception())  # type: ignore[arg-type]
-            else:
-                into.set_result(t.result())
-
-        task.add_done_callback(done)
+                self._start(key, queued[1], queued[0])
 
     async def close(self) -> None:
-        """Cancel runs in flight and wake their waiters (shutdown)."""
-        for queued, _ in self._queued.values():
-            queued.cancel()
+        """Cancel runs in flight and the callers queued behind them (shutdown)."""
+        for waiters, _ in self._queued.values():
+            for waiter in waiters:
+                waiter.cancel()
         self._queued.clear()
-        tasks = list(self._running.values())
+        tasks = [task for task, _ in self._running.values()]
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.CancelledError):
                 await task

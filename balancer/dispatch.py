@@ -43,6 +43,7 @@ MISSING_HEADER = "X-Pipeline-Balancer-Missing"
 FALLBACK_HEADER = "X-Pipeline-Device-Fallback"
 OWNER_LOOKUPS_AT_ONCE = 4
 NOBODY: frozenset[str] = frozenset()
+PLAIN_STATUS = StatusQuery()
 NEGATIVE_CACHE_SIZE = 4096
 
 
@@ -86,8 +87,7 @@ class Dispatcher:
         """Called with the 503 body of every refused start (MQTT events); must not block."""
         self.gate: Callable[[], Response | None] | None = None
         """When set and answering, every proxied request gets that answer instead (an HA standby replica)."""
-        self._fan_outs: Coalescer[tuple[str, StatusQuery], list[tuple[str, str]], Merged] = Coalescer(
-            self._fan_out)
+        self._fan_outs: Coalescer[tuple[str, StatusQuery], ClientRequest, Merged] = Coalescer(self._fan_out)
         """Concurrent ``GET /pipelines/status`` share a fan-out that started after they arrived."""
         self._requests = LabelCache(metrics.requests)
         self._latency = LabelCache(metrics.upstream_latency)
@@ -245,18 +245,18 @@ class Dispatcher:
                 return json_response(400, exc.payload)
             path_qs = f"{path}?{query.forward_query}" if query.forward_query else path
         else:
-            path_qs, query = path, StatusQuery()
-        merged = await self._fan_outs.get((path_qs, query), forwarded_headers(req.headers, req.client_ip))
+            path_qs, query = path, PLAIN_STATUS
+        merged = await self._fan_outs.get((path_qs, query), req)
         headers = [("Content-Type", "application/json")]
         if merged.missing:
             headers.append((MISSING_HEADER, ", ".join(merged.missing)))
         return Response(200, headers, merged.body if req.method != "HEAD" else b"")
 
-    async def _fan_out(self, key: tuple[str, StatusQuery], headers: list[tuple[str, str]]) -> Merged:
+    async def _fan_out(self, key: tuple[str, StatusQuery], req: ClientRequest) -> Merged:
         """One merged status read: every worker asked at once (shared by concurrent requests, see coalesce)."""
         path_qs, query = key
         workers = self.pool.workers()
-        probe = Request("GET", path_qs, headers)
+        probe = Request("GET", path_qs, forwarded_headers(req.headers, req.client_ip))
         timeout = self.config.upstream.status_timeout
         results = await asyncio.gather(*(self._ask(w, probe, timeout) for w in workers))
         answers = [
