@@ -4,5 +4,6 @@
 # Options go to `pipeline-balancer demo` (e.g. --workers 4 --max-running-pipelines 2 --target-fps 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check -e .
-exec python3 -m balancer demo "$@"
+[ -x .venv/bin/python ] || python3 -m venv .venv   # the project's virtualenv, shared with scripts/test.sh
+.venv/bin/python -m pip install -q --disable-pip-version-check -e .
+exec .venv/bin/python -m balancer demo "$@"

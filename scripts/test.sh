@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README's second command; .ci/run calls it).
-# Installs what the tests need (Python packages, Debian's mosquitto), then runs lint, types and tests.
+# Installs what the tests need (Debian packages; Python packages into .venv), then runs lint, types and tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +18,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# The project's own virtualenv (.venv, shared with scripts/demo.sh): exact versions, checked by hash
+# (requirements.lock; docs/security.md says how to update it), then the project itself on top of them.
+[ -x .venv/bin/python ] || python3 -m venv .venv
+py=.venv/bin/python
+"$py" -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
+"$py" -m pip install -q --disable-pip-version-check --no-deps -e .
 
-echo "== ruff"; python3 -m ruff check balancer tests scripts
-echo "== mypy"; python3 -m mypy
-echo "== pytest"; python3 -m pytest "$@"
+echo "== ruff"; "$py" -m ruff check balancer tests scripts
+echo "== mypy"; "$py" -m mypy
+echo "== pytest"; "$py" -m pytest "$@"
