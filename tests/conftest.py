@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakeworker import FakeWorker
+from tests.lb import Balancer
 from tests.procs import Proc, balancer_cmd, free_port, wait_http, wait_port
 
 
@@ -69,3 +71,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run ``pipeline-balancer ARGS`` to completion."""
     return subprocess.run(balancer_cmd(*args), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def balancers() -> Iterator[list[Balancer]]:
+    """Balancer processes a test started (``balancers.append(start_balancer(...))``), stopped at its end."""
+    started: list[Balancer] = []
+    yield started
+    for balancer in started:
+        balancer.stop()
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[FakeWorker]]:
+    """Scriptable fake workers a test started (``fakes.append(FakeWorker().start())``), stopped at its end."""
+    started: list[FakeWorker] = []
+    yield started
+    for fake in started:
+        fake.stop()

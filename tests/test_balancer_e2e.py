@@ -9,7 +9,6 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,22 +16,6 @@ from tests.conftest import WorkerFactory
 from tests.fakeworker import FakeWorker
 from tests.lb import START_PATH, Balancer, get_json, request, start_balancer, start_pipeline, wait_until
 from tests.procs import free_port
-
-
-@pytest.fixture
-def balancers() -> Iterator[list[Balancer]]:
-    started: list[Balancer] = []
-    yield started
-    for b in started:
-        b.stop()
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakeWorker]]:
-    started: list[FakeWorker] = []
-    yield started
-    for f in started:
-        f.stop()
 
 
 def workers_of(start_worker: WorkerFactory, n: int, *args: str) -> list[str]:

@@ -9,7 +9,6 @@ import json
 import signal
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,14 +19,6 @@ from tests.procs import free_port
 
 pytestmark = pytest.mark.timeout(90)
 SLACK = 3.0
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakeWorker]]:
-    started: list[FakeWorker] = []
-    yield started
-    for f in started:
-        f.stop()
 
 
 def refused(url: str) -> bool:

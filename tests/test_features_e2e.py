@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,14 +16,6 @@ GPU_START = {"source": {"uri": "file:///videos/cars.mp4", "type": "uri"},
              "parameters": {"detection-device": "GPU", "classification-device": "GPU"}}
 CPU_START = {"source": {"uri": "file:///videos/cars.mp4", "type": "uri"}, "parameters": {"detection-device": "CPU"}}
 ANY_START = {"source": {"uri": "file:///videos/cars.mp4", "type": "uri"}}
-
-
-@pytest.fixture
-def balancers() -> Iterator[list[Balancer]]:
-    started: list[Balancer] = []
-    yield started
-    for b in started:
-        b.stop()
 
 
 def sim(start_worker: WorkerFactory, *args: str) -> str:
