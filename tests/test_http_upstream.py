@@ -8,9 +8,6 @@ import concurrent.futures
 import json
 import signal
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from tests.fakeworker import FakeWorker
 from tests.lb import Balancer, request, start_balancer, start_pipeline
@@ -19,22 +16,6 @@ from tests.rawhttp import Raw
 QUIET_POLLS = ("--poll-interval", "5")
 """The health poller stays off the connection pool while a test arranges it (one poll at start-up)."""
 QUIET_ENV = {"FRONT": "fast", "STALE_AFTER": "30", "POLL_TIMEOUT": "2"}
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakeWorker]]:
-    started: list[FakeWorker] = []
-    yield started
-    for fake in started:
-        fake.stop()
-
-
-@pytest.fixture
-def balancers() -> Iterator[list[Balancer]]:
-    started: list[Balancer] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 def test_hanging_worker_gets_504_and_its_late_answer_goes_nowhere(
