@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -229,4 +230,39 @@ def test_connection_limit(worker: FakeWorker) -> None:
     finally:
         for sock in held:
             sock.close()
+        lb.stop()
+
+
+def held_by_process(local_port: int, remote_port: int) -> bool:
+    """Whether a process still holds the loopback TCP socket local_port -> remote_port (an orphaned socket the
+    kernel is still flushing has inode 0)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], int(fields[9])
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+            return inode != 0
+    return False
+
+
+def test_client_that_half_closes_and_never_reads_is_cut_off(worker: FakeWorker) -> None:
+    """A last answer (``Connection: close``) larger than the socket buffers, to a client that half-closed and
+    reads nothing: the balancer cannot flush it, so after the keep-alive timeout it lets the connection go
+    instead of holding it (and its buffer) for ever."""
+    entry = {"id": "0" * 32, "state": "RUNNING", "avg_fps": 30.0, "elapsed_time": 1.0, "message": "x" * 200}
+    lb = start_balancer([worker.url], "--poll-interval", "30",
+                        env={"FRONT": "fast", "KEEPALIVE_TIMEOUT": "1", "STALE_AFTER": "60", "POLL_TIMEOUT": "5"})
+    try:
+        worker.status_body = json.dumps([entry] * 60_000).encode()  # ~16 MB merged answer
+        host, port = lb.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /pipelines/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            client_port = sock.getsockname()[1]
+            wait_until(lambda: held_by_process(int(port), client_port), 5)  # accepted
+            wait_until(lambda: not held_by_process(int(port), client_port), 15)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")  # it was answering, not refusing
+        assert request("GET", lb.url + "/healthz")[0] == 200
+    finally:
+        worker.status_body = None
         lb.stop()

@@ -126,6 +126,7 @@ class Connection(RequestReader, asyncio.Protocol):
         """Stop reading; the error is answered after the requests before it."""
         self.reading = False
         self.started = None
+        self.in_message = False
         if self.task is None and not self.queue:
             self._send_error(error)
         else:
@@ -155,7 +156,7 @@ class Connection(RequestReader, asyncio.Protocol):
                 if transport is None or transport.is_closing():
                     return
                 self.queue.popleft()
-                keep_alive = pending.keep_alive and not self.listener.stopping
+                keep_alive = pending.keep_alive and not self._stopping()
                 transport.write(encode_response(resp, head=pending.head, keep_alive=keep_alive,
                                                 http10=pending.http10))
                 if not keep_alive:
@@ -192,7 +193,7 @@ class Connection(RequestReader, asyncio.Protocol):
             self._maybe_continue()
 
     def _send_error(self, error: HttpError) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.lingering_until is not None:
             return
         self.transport.write(encode_response(error_answer(error.status, error.message), head=False,
                                              keep_alive=False, http10=False))
@@ -217,7 +218,11 @@ class Connection(RequestReader, asyncio.Protocol):
     def sweep(self, now: float) -> None:
         """Enforce the header, keep-alive and linger timeouts."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None:
+            return
+        if transport.is_closing():
+            if self.write_paused and now - self.last_active > self.limits.keepalive_timeout:
+                transport.abort()  # closing, but the client reads nothing: the buffer would never drain
             return
         if self.lingering_until is not None:
             if now > self.lingering_until:
