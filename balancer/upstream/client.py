@@ -11,7 +11,7 @@ Error classes are exact (DESIGN §2):
   already seen closed when it is taken is just dropped, not an error.
 - Once bytes were written, a failure is :class:`UpstreamFailed` (502) or
   :class:`UpstreamTimeout` (504). The one retry: an idempotent request
-  (GET/HEAD/DELETE) on a *reused* connection that the worker closed without a
+  (GET/HEAD/DELETE/OPTIONS) on a *reused* connection that the worker closed without a
   single response byte (it closed the idle connection as we wrote) is sent
   once more on a new connection. A POST is never replayed.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
 
 from balancer.proxy import NotDelivered, Request, Response, UpstreamFailed
 from balancer.upstream.conn import ClosedEmpty, Conn, encode_request
@@ -52,7 +51,6 @@ class FastUpstream:
         limit_per_worker: int = 128,
         idle_timeout: float = 15.0,
         start_reuse_idle: float = 2.0,
-        clock: Callable[[], float] | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.limit = limit_per_worker
@@ -127,7 +125,7 @@ class FastUpstream:
                     del self._pools[url]  # workers come and go (pod IPs): forget empty pools
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Open and idle connections per worker URL, for ``/backends`` and tests."""
+        """Open and idle connections per worker URL (tests, debugging)."""
         return {url: {"open": p.total, "idle": len(p.idle)} for url, p in self._pools.items()}
 
     async def close(self) -> None:
