@@ -1,7 +1,8 @@
 """What the balancer does with each client request (DESIGN §2, §3).
 
-Plain request in, plain response out: the HTTP front end (aiohttp today, a
-faster one for the hot routes later) only adapts sockets to these calls.
+Plain request in, plain response out: the HTTP front ends (``balancer/front``,
+asyncio Protocols + httptools, the default; or aiohttp, ``--front aiohttp``)
+only adapt sockets to these calls, so both route and admit exactly alike.
 """
 
 from __future__ import annotations
