@@ -88,19 +88,3 @@ class HealthPoller:
         if worker.error != error:
             log.debug("poll of %s failed: %s", worker.name, error)
         self.pool.failed(worker, error)
-        self._drop_lost_starts(worker)
-
-    def _drop_lost_starts(self, worker: Worker) -> None:
-        """Starts a worker accepted but never listed, older than ``pending_timeout``, while it cannot be polled.
-
-        A good poll drops them (``Worker.observe``); a worker that died right after accepting a start and
-        never comes back would otherwise hold the reservation forever.
-        """
-        now = self.clock()
-        lost = [token for token, res in worker.reservations.items()
-                if res.instance_id is not None and now - res.since > self.pool.pending_timeout]
-        for token in lost:
-            res = worker.reservations.pop(token)
-            log.warning("start %s on unreachable %s never listed; slot released", res.instance_id, worker.name)
-        if lost:
-            self.pool.refresh_states()

@@ -188,9 +188,7 @@ class WorkerPool:
         """A good poll of ``worker``: take in its instances and learn who owns them."""
         if self._workers.get(worker.key) is not worker:
             return  # removed while the poll was on its way
-        lost = worker.observe(entries, self.clock(), self.pending_timeout)
-        for instance_id in lost:
-            log.warning("start %s never appeared in %s's status list; slot released", instance_id, worker.name)
+        self._log_lost(worker, worker.observe(entries, self.clock(), self.pending_timeout))
         for entry in entries:
             self._set_owner(entry.id, worker.key)
         self._forget_unlisted(worker, {entry.id for entry in entries})
@@ -203,8 +201,7 @@ class WorkerPool:
         owned = self._owned.get(worker.key)
         if not owned or owned <= listed:
             return
-        pending = {r.instance_id for r in worker.reservations.values() if r.instance_id is not None}
-        for instance_id in owned - listed - pending:
+        for instance_id in owned - listed - worker.pending_ids():
             owned.discard(instance_id)
             if self._owners.get(instance_id) == worker.key:
                 del self._owners[instance_id]
@@ -213,7 +210,14 @@ class WorkerPool:
         if self._workers.get(worker.key) is not worker:
             return
         worker.failed(error)
+        # a worker that died right after accepting a start, and never comes back, must not hold its slot forever
+        self._log_lost(worker, worker.settle_reservations(set(), self.clock(), self.pending_timeout))
         self._note_state(worker)
+
+    @staticmethod
+    def _log_lost(worker: Worker, lost: list[str]) -> None:
+        for instance_id in lost:
+            log.warning("start %s never appeared in %s's status list; slot released", instance_id, worker.name)
 
     def refresh_states(self) -> None:
         """Re-derive every worker's state (time alone can make a poll stale)."""

@@ -171,20 +171,32 @@ class Worker:
         self._measure(entries, now)
         self.macs.update(m for m in (mac_suffix(e.id) for e in entries) if m)
         self.total_listed = len(entries)
+        lost = self.settle_reservations(seen, now, pending_timeout)
+        self.live &= self.instances.keys() | self.pending_ids()
+        self.polled_at, self.polled_wall, self.error = now, time.time(), None
+        self.polls += 1
+        return lost
+
+    def settle_reservations(self, seen: set[str], now: float, pending_timeout: float) -> list[str]:
+        """Drop the reservations of accepted starts now listed (``seen``: they count as active) or lost
+        (unlisted for ``pending_timeout``, e.g. the worker died right after accepting). Returns the lost ids.
+
+        Starts still on their way (no id yet) are left to their handler, which releases them.
+        """
         lost = []
         for token, res in list(self.reservations.items()):
             if res.instance_id is None:
-                continue  # the start is still on its way: its handler releases it
+                continue
             if res.instance_id in seen:
                 del self.reservations[token]
             elif now - res.since > pending_timeout:
                 lost.append(res.instance_id)
                 del self.reservations[token]
-        pending = {r.instance_id for r in self.reservations.values() if r.instance_id is not None}
-        self.live &= self.instances.keys() | pending
-        self.polled_at, self.polled_wall, self.error = now, time.time(), None
-        self.polls += 1
         return lost
+
+    def pending_ids(self) -> set[str]:
+        """Ids of accepted starts the status list has not shown yet."""
+        return {r.instance_id for r in self.reservations.values() if r.instance_id is not None}
 
     def _measure(self, entries: list[StatusEntry], now: float) -> None:
         """Measure the worker's capacity: every frame its instances made over the last polls, per second.
